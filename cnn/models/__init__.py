@@ -1,0 +1,13 @@
+"""The classic CNN families as Flax modules, created by name through a registry.
+
+    model = cnn.models.create("resnet50", num_classes=1000)
+    variables = model.init(key, images, train=False)
+    cnn.models.count_params(variables["params"])
+"""
+
+from cnn.models.registry import available, count_params, create, register
+
+# Family modules register themselves on import.
+# (each family adds its own import line below)
+
+__all__ = ["available", "count_params", "create", "register"]
