@@ -1,0 +1,137 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from cnn import ops
+from tests.ops.reference import conv2d_loops, conv_transpose2d_loops
+
+
+def _cases(count, seed):
+    """Random conv settings: shapes, strides, asymmetric paddings, dilations, channels, groups."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        groups = int(rng.choice([1, 1, 2, 3]))
+        cin, cout = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+        fh, fw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        dh, dw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        pads = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(2))
+        h, w = int(rng.integers(4, 10)), int(rng.integers(4, 10))
+        if dh * (fh - 1) + 1 > h + sum(pads[0]) or dw * (fw - 1) + 1 > w + sum(pads[1]):
+            continue
+        cases.append(dict(h=h, w=w, cin=cin, cout=cout, f=(fh, fw), s=(sh, sw), d=(dh, dw), pads=pads, groups=groups))
+    return cases
+
+
+@pytest.mark.parametrize("case", _cases(14, seed=0), ids=lambda c: f"{c['h']}x{c['w']}f{c['f']}s{c['s']}d{c['d']}g{c['groups']}")
+def test_conv2d_matches_numpy_loops(case):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, case["h"], case["w"], case["cin"])).astype(np.float32)
+    kernel = rng.normal(size=(*case["f"], case["cin"] // case["groups"], case["cout"])).astype(np.float32)
+    bias = rng.normal(size=(case["cout"],)).astype(np.float32)
+    got = ops.conv2d(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), stride=case["s"], padding=case["pads"], dilation=case["d"], groups=case["groups"])
+    want = conv2d_loops(x, kernel, case["s"], case["pads"], case["d"], case["groups"]) + bias
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_conv1x1_is_per_pixel_channel_mixing(rng):
+    x = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
+    weight = rng.normal(size=(4, 3)).astype(np.float32)
+    want = np.einsum("bhwc,co->bhwo", x.astype(np.float64), weight)
+    np.testing.assert_allclose(ops.conv1x1(x, weight), want, atol=1e-5)
+    np.testing.assert_allclose(ops.conv2d(x, weight[None, None]), want, atol=1e-5)
+    np.testing.assert_allclose(conv2d_loops(x, weight[None, None]), want, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", [c for c in _cases(14, seed=5) if c["groups"] == 1][:7], ids=str)
+def test_conv_transpose2d_matches_scatter_loops_and_matrix_transpose(case):
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(*case["f"], case["cin"], case["cout"])).astype(np.float32)
+    out_h, out_w = ops.conv_output_shape((case["h"], case["w"]), case["f"], case["s"], case["pads"], case["d"])
+    y = rng.normal(size=(1, out_h, out_w, case["cout"])).astype(np.float32)
+    # output_padding recovers the original input size exactly.
+    extra = []
+    for i, n in enumerate((case["h"], case["w"])):
+        base = ops.conv_transpose_output_size((out_h, out_w)[i], case["f"][i], case["s"][i], case["pads"][i], case["d"][i])
+        extra.append(n - base)
+    got = ops.conv_transpose2d(jnp.asarray(y), jnp.asarray(kernel), stride=case["s"], padding=case["pads"], dilation=case["d"], output_padding=tuple(extra))
+    assert got.shape == (1, case["h"], case["w"], case["cin"])
+    want = conv_transpose2d_loops(y, kernel, (case["h"], case["w"]), case["s"], case["pads"], case["d"])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    matrix = ops.conv_matrix(kernel, (case["h"], case["w"], case["cin"]), case["s"], case["pads"], case["d"])
+    np.testing.assert_allclose(np.asarray(got).ravel(), matrix.T @ y.ravel(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in _cases(16, seed=9) if c["groups"] == 1][:6], ids=str)
+def test_conv_matrix_reproduces_the_loop_convolution(case):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, case["h"], case["w"], case["cin"]))
+    kernel = rng.normal(size=(*case["f"], case["cin"], case["cout"]))
+    matrix = ops.conv_matrix(kernel, x.shape[1:], case["s"], case["pads"], case["d"])
+    want = conv2d_loops(x, kernel, case["s"], case["pads"], case["d"])
+    np.testing.assert_allclose(matrix @ x.ravel(), want.ravel(), atol=1e-10)
+
+
+def test_lecture_example_3x3_kernel_4x4_input():
+    """A 3x3 kernel on a 4x4 input gives 2x2: C is 4 x 16; its transpose maps 2x2 back to 4x4."""
+    kernel = np.arange(1.0, 10.0).reshape(3, 3, 1, 1)
+    matrix = ops.conv_matrix(kernel, (4, 4, 1))
+    assert matrix.shape == (4, 16)
+    # First row: the kernel laid over the top-left 3x3 of the 4x4 grid, row-major.
+    np.testing.assert_array_equal(matrix[0], [1, 2, 3, 0, 4, 5, 6, 0, 7, 8, 9, 0, 0, 0, 0, 0])
+    # Last row: shifted by one row and one column.
+    np.testing.assert_array_equal(matrix[3], [0, 0, 0, 0, 0, 1, 2, 3, 0, 4, 5, 6, 0, 7, 8, 9])
+    x = np.arange(16.0).reshape(1, 4, 4, 1)
+    y = ops.conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    assert y.shape == (1, 2, 2, 1)
+    np.testing.assert_allclose(np.asarray(y).ravel(), matrix @ x.ravel(), rtol=1e-6)
+    up = ops.conv_transpose2d(jnp.asarray(y), jnp.asarray(kernel, jnp.float32))
+    assert up.shape == (1, 4, 4, 1)
+    np.testing.assert_allclose(np.asarray(up).ravel(), matrix.T @ np.asarray(y).ravel(), rtol=1e-5)
+
+
+def test_adjoint_identity(rng):
+    """<conv(x), y> == <x, conv_transpose(y)> with stride, padding, dilation and groups."""
+    x = rng.normal(size=(2, 9, 8, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 2, 2, 6)).astype(np.float32)
+    settings = dict(stride=(2, 3), padding=((1, 2), (0, 1)), dilation=(2, 1))
+    y_shape = ops.conv2d(x, kernel, groups=2, **settings).shape
+    y = rng.normal(size=y_shape).astype(np.float32)
+    conv_x = ops.conv2d(x, kernel, groups=2, **settings)
+    extra = (9 - ops.conv_transpose_output_size(y_shape[1], 3, 2, (1, 2), 2), 8 - ops.conv_transpose_output_size(y_shape[2], 2, 3, (0, 1), 1))
+    transposed_y = ops.conv_transpose2d(y, kernel, groups=2, output_padding=extra, **settings)
+    np.testing.assert_allclose(jnp.vdot(conv_x, y), jnp.vdot(x, transposed_y), rtol=1e-4)
+
+
+def test_conv_transpose_is_the_input_gradient_of_conv(rng):
+    x = rng.normal(size=(1, 8, 8, 2)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x: ops.conv2d(x, kernel, stride=2, padding=1), x)
+    cotangent = rng.normal(size=y.shape).astype(np.float32)
+    (grad,) = vjp(cotangent)
+    np.testing.assert_allclose(ops.conv_transpose2d(cotangent, kernel, stride=2, padding=1, output_padding=1), grad, atol=1e-5)
+
+
+def test_gradients_of_conv_and_transposed_conv(rng):
+    x = rng.normal(size=(1, 5, 5, 2))
+    kernel = rng.normal(size=(3, 3, 2, 2))
+    with jax.enable_x64(True):
+        x64, k64 = jnp.asarray(x), jnp.asarray(kernel)
+        check_grads(lambda x, k: ops.conv2d(x, k, stride=2, padding=1, dilation=1), (x64, k64), order=2, modes=("fwd", "rev"))
+        check_grads(lambda x, k: ops.conv2d(x, k, dilation=2, padding=2), (x64, k64), order=1)
+        check_grads(lambda y, k: ops.conv_transpose2d(y, k, stride=2, padding=1), (x64, k64), order=1)
+
+
+def test_works_under_jit_and_vmap(rng):
+    x = rng.normal(size=(3, 1, 6, 6, 2)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    direct = jnp.stack([ops.conv2d(xi, kernel, stride=2, padding="SAME") for xi in x])
+    mapped = jax.vmap(jax.jit(lambda xi: ops.conv2d(xi, kernel, stride=2, padding="SAME")))(x)
+    np.testing.assert_allclose(mapped, direct, atol=1e-6)
+    y = rng.normal(size=(3, 1, 3, 3, 4)).astype(np.float32)
+    mapped_t = jax.vmap(jax.jit(lambda yi: ops.conv_transpose2d(yi, kernel, stride=2, padding=1, output_padding=1)))(y)
+    assert mapped_t.shape == (3, 1, 6, 6, 2)
+    np.testing.assert_allclose(mapped_t[1], ops.conv_transpose2d(y[1], kernel, stride=2, padding=1, output_padding=1), atol=1e-6)
