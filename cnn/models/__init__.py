@@ -9,5 +9,10 @@ from cnn.models.registry import available, count_params, create, register
 
 # Family modules register themselves on import.
 # (each family adds its own import line below)
+import cnn.models.lecun  # noqa: E402,F401
+import cnn.models.alexnet  # noqa: E402,F401
+import cnn.models.vgg  # noqa: E402,F401
+import cnn.models.googlenet  # noqa: E402,F401
+import cnn.models.resnet  # noqa: E402,F401
 
 __all__ = ["available", "count_params", "create", "register"]
