@@ -40,7 +40,10 @@ def _num_examples(source: Mapping[str, np.ndarray] | RandomAccessSource) -> int:
 def _gather(source: Mapping[str, np.ndarray] | RandomAccessSource, indices: np.ndarray) -> Batch:
     if isinstance(source, Mapping):
         return {name: np.asarray(array[indices]) for name, array in source.items()}
-    records = [source[int(i)] for i in indices]
+    if hasattr(source, "__getitems__"):  # batched random access (TFDS / array_record data sources)
+        records = source.__getitems__([int(i) for i in indices])
+    else:
+        records = [source[int(i)] for i in indices]
     return {name: np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
 
 
