@@ -14,5 +14,6 @@ import cnn.models.alexnet  # noqa: E402,F401
 import cnn.models.vgg  # noqa: E402,F401
 import cnn.models.googlenet  # noqa: E402,F401
 import cnn.models.resnet  # noqa: E402,F401
+import cnn.models.cifar_resnet  # noqa: E402,F401
 
 __all__ = ["available", "count_params", "create", "register"]
