@@ -148,12 +148,7 @@ class CnnMnist(_OfflineBuilder):
     CITATION = "LeCun, Cortes, Burges. The MNIST database of handwritten digits. CC BY-SA 3.0."
 
     def _read_split(self, raw, split):
-        prefix = "train" if split == "train" else "test"
-        images = files.read_idx(raw.paths[f"{prefix}_images"])
-        labels = files.read_idx(raw.paths[f"{prefix}_labels"]).astype(np.int64)
-        if images.ndim != 3 or labels.ndim != 1:
-            raise ValueError(f"{raw.paths[f'{prefix}_images']}: expected [n, rows, cols] images and [n] labels")
-        return images[..., None], labels
+        return files.read_split(raw, "train" if split == "train" else "test")
 
 
 class CnnFashionMnist(CnnMnist):
@@ -178,7 +173,7 @@ class CnnCifar10(_OfflineBuilder):
     CITATION = "Krizhevsky. Learning Multiple Layers of Features from Tiny Images. 2009."
 
     def _read_split(self, raw, split):
-        return files.read_cifar_split(raw, split)
+        return files.read_split(raw, split)
 
     def _set_class_names(self, raw):
         names = files.read_cifar_label_names(raw)

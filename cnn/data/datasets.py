@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from cnn.data import embedded
+from cnn.data import embedded, files
 from cnn.data.iterator import Batch, BatchIterator
 from cnn.data.stats import STATS_FILE, cached_statistics, pixel_statistics
 
@@ -170,6 +170,16 @@ def _tfds_data_source(name: str, split: str, *, data_dir, prepared_dir, tfds_dat
 
 
 @functools.lru_cache(maxsize=4)
+def _raw_split_arrays(name: str, split: str, data_dir: str, verify_checksums: bool) -> dict[str, np.ndarray]:
+    raw = files.locate(name, data_dir)
+    if verify_checksums:
+        files.verify_raw_checksums(raw)
+    images, labels = files.read_split(raw, split)
+    images.setflags(write=False)
+    return {"image": images, "label": labels.astype(np.int32)}
+
+
+@functools.lru_cache(maxsize=4)
 def _shapes_split(split: str) -> dict[str, np.ndarray]:
     from cnn.data import synthetic
 
@@ -185,8 +195,14 @@ def get_source(
     tfds_data_dir: str | os.PathLike | None = None,
     try_tfds: bool = True,
     verify_checksums: bool = True,
+    in_memory: bool = False,
 ) -> Mapping[str, np.ndarray] | TfdsSource | _Slice:
     """The examples of `name`/`split`: a dict of arrays (embedded, synthetic) or a random-access source.
+
+    With `in_memory=True` a TFDS dataset is read straight from its raw distribution files into
+    arrays (checksums verified), skipping TFDS: the whole split sits in RAM (MNIST 47 MB,
+    CIFAR-10 150 MB), batches are gathered by fancy indexing, and an input pipeline keeps up
+    with an accelerator. The examples and their order are the same as the TFDS path's.
 
     Raises:
       ValueError: unknown `name` or `split` (lists the valid ones); corrupted raw files.
@@ -200,6 +216,8 @@ def get_source(
         source = embedded.fashion_mnist_small(base)
     elif name == "shapes":
         source = _shapes_split(base)
+    elif in_memory:
+        source = _raw_split_arrays(name, base, str(files.resolve_data_dir(data_dir)), verify_checksums)
     else:
         source, _ = _tfds_data_source(
             name,
@@ -236,6 +254,7 @@ def load(
     try_tfds: bool = True,
     verify_checksums: bool = True,
     transform: Callable[[Batch], Batch] | None = None,
+    in_memory: bool = False,
 ) -> BatchIterator:
     """A deterministic, resumable, shardable iterator of numpy batches of a dataset.
 
@@ -252,6 +271,8 @@ def load(
       try_tfds: look for a standard TFDS-prepared copy before the offline builder.
       verify_checksums: check raw files against their published checksums when preparing.
       transform: optional `fn(batch) -> batch` on every numpy batch.
+      in_memory: read a TFDS dataset's raw files straight into RAM, without TFDS (fast input for
+        accelerators; see `get_source`).
 
     Returns:
       A `BatchIterator` of `{"image": uint8 [B, H, W, C], "label": int32 [B]}` (plus "mask",
@@ -265,6 +286,7 @@ def load(
         tfds_data_dir=tfds_data_dir,
         try_tfds=try_tfds,
         verify_checksums=verify_checksums,
+        in_memory=in_memory,
     )
     return BatchIterator(
         source,

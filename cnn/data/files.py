@@ -453,3 +453,23 @@ def verify_raw_checksums(raw: RawFiles) -> None:
         meta = raw.directory / _CIFAR_META[raw.dataset]["python"][0]
         if meta.is_file():
             verify_checksum(raw.dataset, meta)
+
+
+def read_split(raw: RawFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split ("train"/"test") of located raw files as arrays: uint8 `[n, H, W, C]`, int64 `[n]`.
+
+    IDX datasets (MNIST, Fashion-MNIST) get a trailing channel axis; CIFAR batches are decoded
+    from their pickled or binary form. Needs neither TFDS nor TensorFlow.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: raw files hold 'train' and 'test'")
+    if raw.layout.kind == "idx":
+        images = read_idx(raw.paths[f"{split}_images"])
+        labels = read_idx(raw.paths[f"{split}_labels"]).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{raw.paths[f'{split}_images']}: expected [n, rows, cols] images and [n] labels, "
+                f"got {images.shape} and {labels.shape}"
+            )
+        return images[..., None], labels
+    return read_cifar_split(raw, split)

@@ -299,3 +299,21 @@ def test_offline_builder_is_a_registered_tfds_builder(tmp_path, rng):
     assert reopened.info.splits["test"].num_examples == 1
     assert reopened.as_data_source("train")[0]["image"].shape == (32, 32, 3)
     assert files.LAYOUTS["cifar10"][2].kind == "cifar_binary"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_in_memory_source_equals_the_tfds_records(name, real_builders, prepared_dir, shared_data_dir):
+    """`in_memory=True` reads the raw files into RAM without TFDS: same examples, same order."""
+    arrays = data.get_source(name, "test", data_dir=shared_data_dir, in_memory=True)
+    assert arrays["image"].shape == (10_000, 28, 28, 1) and arrays["image"].dtype == np.uint8
+    assert arrays["label"].dtype == np.int32
+    records = data.get_source(name, "test", data_dir=shared_data_dir, prepared_dir=prepared_dir, try_tfds=False)
+    for index in (0, 1, 4321, 9999):
+        np.testing.assert_array_equal(arrays["image"][index], records[index]["image"])
+        assert arrays["label"][index] == records[index]["label"]
+    kwargs = dict(data_dir=shared_data_dir, seed=3, batch_size=64)
+    from_memory = next(data.load(name, "train[:1000]", in_memory=True, **kwargs))
+    from_tfds = next(data.load(name, "train[:1000]", prepared_dir=prepared_dir, try_tfds=False, **kwargs))
+    np.testing.assert_array_equal(from_memory["image"], from_tfds["image"])
+    np.testing.assert_array_equal(from_memory["label"], from_tfds["label"])
