@@ -15,5 +15,6 @@ import cnn.models.vgg  # noqa: E402,F401
 import cnn.models.googlenet  # noqa: E402,F401
 import cnn.models.resnet  # noqa: E402,F401
 import cnn.models.cifar_resnet  # noqa: E402,F401
+from cnn.models import simple  # noqa: E402,F401  (simple_cnn)
 
 __all__ = ["available", "count_params", "create", "register"]
