@@ -15,6 +15,23 @@ Families: AlexNet, VGG (11/13/16/19, with and without BN), GoogLeNet (with or wi
 heads; use `transform_input=True` with torchvision's pretrained weights), ResNet 18..152. The
 LeCun nets have no torchvision counterpart.
 
+ResNets read as ODEs (`scheme=...`, see `cnn.models.resnet`) convert too, so an ODE-ResNet can
+start from pretrained weights:
+
+    variables = convert.from_torchvision("resnet50", sd, scheme="euler")            # scanned stages
+    variables = convert.from_torchvision("resnet50", sd, scheme="euler", scan=False)  # blocks_{i}
+    variables = convert.from_torchvision("resnet50", sd, scheme="lm", knobs={"k": 0.0})
+
+torchvision's block 0 and `downsample` of a stage with a transition become `layer{s}/entry/
+{block,shortcut}`, the other blocks `layer{s}/blocks_{i}/block` (unrolled) or, stacked along a
+leading axis, `layer{s}/blocks/block` (scanned; `cnn.ode.stack_unrolled` / `unstack_scanned`
+convert between the two). `scheme="euler"` then computes exactly torchvision's network; every
+other scheme steps the same residual functions differently. Learnable knobs (LM-ResNet's `k_t`)
+have no torchvision counterpart: `from_torchvision` sets them from `knobs` (a value per knob name,
+the same for every block; `{"k": 0.0}` makes LM-ResNet compute the pretrained Euler network), and
+`to_torchvision` refuses them. Tied stages (`tied=True`, one weight set per stage) are not
+convertible.
+
 Layout rules (torch -> Flax):
 - conv `weight` [out, in, kh, kw] (OIHW) -> `kernel` [kh, kw, in, out] (HWIO);
 - linear `weight` [out, in] -> `kernel` [in, out];
@@ -46,6 +63,8 @@ from cnn.models.googlenet import GoogLeNet
 from cnn.models.registry import create
 from cnn.models.resnet import ResNet
 from cnn.models.vgg import CONVS_PER_BLOCK, VGG
+from cnn.ode.schemes import get_scheme
+from cnn.ode.stage import stack_unrolled, unstack_scanned
 
 StateDict = dict[str, np.ndarray]
 ModulePath = tuple[str, ...]
@@ -57,6 +76,7 @@ TorchName = tuple[str, "tuple[int, int, int] | None"]
 
 
 def _resnet_name(path: ModulePath) -> TorchName:
+    """torchvision-layout ResNet (`scheme=None`): `layer{s}/block{t}/...`, `layer{s}/shortcut`."""
     if len(path) == 1:  # conv1, bn1, fc
         return path[0], None
     stage, module, *rest = path
@@ -66,6 +86,45 @@ def _resnet_name(path: ModulePath) -> TorchName:
     if block is None or len(rest) != 1:
         raise KeyError(path)
     return f"{stage}.{block.group(1)}.{rest[0]}", None
+
+
+def _ode_resnet_rule(model: ResNet) -> Callable[[ModulePath], TorchName]:
+    """ResNet with a scheme, unrolled (`scan=False`) layout: `layer{s}/entry/{block,shortcut}/...`
+    is torchvision's block 0 and downsample; `layer{s}/blocks_{i}/block/...` is torchvision's block
+    `i + 1` in a stage with an entry block, block `i` in one without."""
+    has_entry = model.transitions()
+
+    def rule(path: ModulePath) -> TorchName:
+        if len(path) == 1:  # conv1, bn1, fc
+            return path[0], None
+        stage, module, *rest = path
+        stage_index = re.fullmatch(r"layer([1-4])", stage)
+        if stage_index is None or len(rest) != 2:
+            raise KeyError(path)
+        part, layer = rest
+        offset = int(has_entry[int(stage_index.group(1)) - 1])
+        if module == "entry" and part == "shortcut":
+            return f"{stage}.0.downsample.{ {'conv': 0, 'bn': 1}[layer] }", None
+        if module == "entry" and part == "block":
+            return f"{stage}.0.{layer}", None
+        unrolled = re.fullmatch(r"blocks_(\d+)", module)
+        if unrolled is None or part != "block":
+            raise KeyError(path)
+        return f"{stage}.{int(unrolled.group(1)) + offset}.{layer}", None
+
+    return rule
+
+
+def _is_ode_resnet(model: nn.Module) -> bool:
+    return isinstance(model, ResNet) and model.scheme is not None
+
+
+def _check_untied(model: ResNet) -> None:
+    if model.tied:
+        raise ValueError(
+            "tied=True: a tied stage holds one weight set for all its identical blocks, torchvision one per "
+            "block; convert with tied=False"
+        )
 
 
 def _vgg_feature_indices(depth: int, batch_norm: bool) -> dict[str, int]:
@@ -127,7 +186,7 @@ def _googlenet_name(path: ModulePath) -> TorchName:
 def _family(model: nn.Module) -> tuple[Callable[[ModulePath], TorchName], dict[str, str]]:
     """(Flax module path -> torch name rule, {size option: torch weight whose rows give it})."""
     if isinstance(model, ResNet):
-        return _resnet_name, {"num_classes": "fc.weight"}
+        return (_ode_resnet_rule(model) if model.scheme is not None else _resnet_name), {"num_classes": "fc.weight"}
     if isinstance(model, VGG):
         return _vgg_rule(model), {"num_classes": "classifier.6.weight", "classifier_width": "classifier.0.weight"}
     if isinstance(model, AlexNet):
@@ -191,14 +250,30 @@ def to_torchvision(name: str, variables: Mapping[str, Any], **options: Any) -> S
     Args:
       name: registered model name (e.g. "resnet50", "vgg16_bn", "googlenet").
       variables: `{"params": ..., "batch_stats": ...}` as returned by `model.init`.
-      options: model options that change the architecture (e.g. `depth` for "vgg"/"resnet").
+      options: model options that change the architecture (e.g. `depth` for "vgg"/"resnet";
+        `scheme`, `scan` for a ResNet read as an ODE).
 
     Returns:
       `{torch key: array}` with torch layouts (OIHW conv weights, [out, in] linear weights).
+
+    Raises:
+      ValueError: the family has no torchvision counterpart, or a ResNet with a scheme is tied
+        or has learnable knobs (which torchvision's ResNet cannot hold).
     """
-    rule, _ = _family(create(name, **options))
+    model = create(name, **options)
+    rule, _ = _family(model)
     params = variables["params"]
     stats = variables.get("batch_stats", {})
+    if _is_ode_resnet(model):
+        _check_untied(model)
+        knob_names = get_scheme(model.scheme).knob_names
+        if knob_names:
+            raise ValueError(
+                f"scheme={get_scheme(model.scheme).name!r} has learnable knobs {list(knob_names)} (layer{{s}}/knobs) "
+                "that torchvision's ResNet cannot hold; export a knob-free scheme such as 'euler'"
+            )
+        if model.scan:
+            params, stats = unstack_scanned(params), unstack_scanned(stats)
     state: StateDict = {}
     for path, leaves in _module_paths(params):
         prefix, flattened = rule(path)
@@ -221,7 +296,12 @@ def to_torchvision(name: str, variables: Mapping[str, Any], **options: Any) -> S
 
 
 def from_torchvision(
-    name: str, state_dict: Mapping[str, Any], *, strict: bool = True, **options: Any
+    name: str,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    knobs: Mapping[str, float] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """torchvision-named state dict -> Flax variables `{"params": ..., "batch_stats": ...}`.
 
@@ -229,18 +309,26 @@ def from_torchvision(
       name: registered model name (e.g. "resnet50", "vgg16").
       state_dict: `{torch key: array-like}` (numpy arrays, or anything `np.asarray` accepts).
       strict: raise on keys the model does not use (besides `num_batches_tracked`).
+      knobs: for a ResNet whose scheme has learnable knobs: `{knob name: value}`, the value every
+        block's knob gets (e.g. `{"k": 0.0}` for "lm": the pretrained Euler network exactly).
       options: model options (`num_classes`, VGG/AlexNet's `classifier_width` and GoogLeNet's
         `aux_logits` are read from the state dict unless given; `param_dtype` sets the dtype of
-        the returned params).
+        the returned params; a ResNet's `scheme`, `scheme_options`, `scan` pick the ODE layout).
 
     Returns:
       Variables for `create(name, **options).apply`, jnp arrays.
 
     Raises:
-      ValueError: the family has no torchvision counterpart, a key is missing or unexpected, or
-        an array's shape does not match the model's.
+      ValueError: the family has no torchvision counterpart, a key is missing or unexpected, an
+        array's shape does not match the model's, or (ResNet with a scheme) the stages are tied
+        or `knobs` does not give exactly the scheme's knobs.
     """
     probe = create(name, **options)
+    knob_raw = _knob_raw_values(probe, knobs)
+    if _is_ode_resnet(probe) and probe.scan:
+        # Convert into the unrolled layout, then stack each stage's identical blocks.
+        unrolled = from_torchvision(name, state_dict, strict=strict, knobs=knobs, **{**options, "scan": False})
+        return {collection: stack_unrolled(tree) for collection, tree in unrolled.items()}
     _, size_keys = _family(probe)
     for option, key in size_keys.items():
         if option not in options and key in state_dict:
@@ -271,6 +359,10 @@ def from_torchvision(
 
     params, stats = template["params"], template.get("batch_stats", {})
     for path, leaves in _module_paths(params):
+        if knob_raw and path[-1] == "knobs":  # scheme knobs: no torchvision counterpart
+            for knob_name, like in leaves.items():
+                _set(variables, ("params", *path), knob_name, jnp.full(like.shape, knob_raw[knob_name], like.dtype))
+            continue
         prefix, flattened = rule(path)
         if "scale" in leaves:
             _set(variables, ("params", *path), "scale", fetch(f"{prefix}.weight", lambda a: a, leaves["scale"]))
@@ -298,6 +390,35 @@ def from_torchvision(
             "(pass strict=False to ignore them)"
         )
     return variables
+
+
+def _knob_raw_values(model: nn.Module, knobs: Mapping[str, float] | None) -> dict[str, float]:
+    """`{knob name: stored (raw) parameter value}` for `model`'s scheme knobs, from their values.
+
+    Also rejects what a ResNet with a scheme cannot take from torchvision (tied stages)."""
+    scheme_knobs = ()
+    if _is_ode_resnet(model):
+        _check_untied(model)
+        scheme_knobs = get_scheme(model.scheme).knobs
+    given = dict(knobs or {})
+    expected = [knob.name for knob in scheme_knobs]
+    if sorted(given) != sorted(expected):
+        if not expected:
+            raise ValueError(f"knobs={knobs!r}: this model has no learnable scheme knobs; leave knobs unset")
+        raise ValueError(
+            f"knobs={knobs!r}: scheme={get_scheme(model.scheme).name!r} has learnable knobs {expected} with no "
+            f"torchvision counterpart; give a value for each, e.g. knobs={ {name: 0.0 for name in expected} !r}"
+        )
+    raw = {}
+    for knob in scheme_knobs:
+        value = float(np.asarray(knob.to_raw(jnp.asarray(given[knob.name], jnp.float32))))
+        if not np.isfinite(value):
+            raise ValueError(
+                f"knobs={given!r}: {knob.name}={given[knob.name]!r} lies outside the open interval "
+                f"{knob.name}_bounds={knob.bounds} kept by the scheme's constraint"
+            )
+        raw[knob.name] = value
+    return raw
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:

@@ -15,27 +15,62 @@ Structure, written for reading a ResNet as an ODE discretization:
 
 - A residual module (`BasicResidual`, `BottleneckResidual`) computes only the residual branch
   `F(x)` = conv-BN-ReLU-...-conv-BN, with no addition and no final ReLU.
-- `Projection` is the shortcut of a stage's first block when it changes shape (1x1 conv with
+- `Projection` is the shortcut S of a stage's first block when it changes shape (1x1 conv with
   stride + BN; torchvision's `downsample`).
-- `ResNetStage` owns the residual modules `block0 .. block{n-1}` and the optional `shortcut`,
-  and applies the update rule `x_{t+1} = relu(shortcut(x_t) + F_t(x_t))`, where `shortcut` is
-  the projection for block 0 (when shapes change) and the identity otherwise. The update lives
-  in `ResNetStage.update`, the one place a different discretization scheme replaces.
+- The stage applies the update rule. With `scheme=None` (default) it is `ResNetStage`, the
+  torchvision parameter layout: `x_{t+1} = relu(S_t(x_t) + F_t(x_t))`, S the projection for
+  block 0 when shapes change and the identity otherwise (`ResNetStage.update`).
+
+Any discretization scheme (`cnn.ode.schemes`): `scheme="euler"`, `"lm"`, `"rk2"`/`"midpoint"`,
+`"heun"`, `"rk4"`, `"ab2"`, `"leapfrog"`, `"backward_euler"`, `"two_step"`, ... builds every
+stage as a `cnn.ode.ODEStage` stepping the same residual modules, each step followed by ReLU
+(He et al.'s post-activation layout, `step_activation=nn.relu`):
+
+    cnn.models.create("resnet50", scheme="lm")     # x_{t+1} = relu((1-k_t) x_t + k_t x_{t-1} + F_t(x_t))
+    cnn.models.create("resnet50", scheme="euler")  # torchvision's ResNet-50, ODEStage layout
+    cnn.models.create("resnet18", scheme="rk4", scheme_options={"h": 0.5}, scan=False)
+
+- `scheme="euler"` (h = 1) is exactly torchvision's network: the same 25,557,032 parameters for
+  ResNet-50 and, given the same weights (`cnn.models.convert` maps them), the same outputs and
+  BatchNorm updates (to float rounding; scanned stages compile differently). Other schemes reuse the same weights in every `F` evaluation (RK stages), so
+  their counts equal Euler's; schemes with learnable knobs add one scalar per knob per block
+  (LM-ResNet: `sum(stage_sizes)` = 16 for ResNet-50).
+- Transitions: the first block of stages 2-4 (and of stage 1 for bottlenecks, 64 -> 256 maps)
+  changes shape; it is the stage's entry block with the `Projection` S as its shortcut. There
+  Runge-Kutta schemes take `x_1 = relu(S(x_0) + h F_0(x_0))`. Multistep schemes follow
+  `history_at_entry`: "restart" (default, as the LM-ResNet reference code) discards the
+  incoming history and takes the start step (below) with S -- for `start="euler"` the same
+  `relu(S(x_0) + h F_0(x_0))`, the history restarting as `(S(x_0), F_0(x_0))`; "project" maps the
+  incoming past states and derivatives through S and applies the scheme's own formula.
+- Start: the history is carried from stage to stage (as in `cifar_resnet`). A block with no past
+  -- the network's first block, and with "restart" every transition block -- takes the step
+  given by `start`: "euler" (default) `x_1 = x_0 + h F_0(x_0)`, or "copy" (the missing past is
+  `x_0` itself; see `cnn.ode.schemes`), then ReLU. Stage 1 of ResNet-18/34 has no transition, so
+  its block 0 is a plain (non-entry) step that starts the scheme.
+- `tied`, `scan`, `remat`, `final_survival` (stochastic depth, survival linear in depth over all
+  `sum(stage_sizes)` blocks): see `ResNet` and `cnn.ode.stage`.
 
 The residual and projection modules take `(features, strides, zero_init_last_bn, bn_axis_name,
 dtype, param_dtype)` and are called as `module(x, train=...)`, so `functools.partial(
 BottleneckResidual, features=64)` and `functools.partial(Projection, features=256, strides=2)`
-plug into a generic residual stage such as `cnn.ode`'s `ODEStage` (`block`, `entry_block`,
-`entry_shortcut`).
+plug into `ODEStage` (`block`, `entry_block`, `entry_shortcut`).
 
-Parameter tree: `conv1`, `bn1`, `layer{1..4}/block{t}/{conv1,bn1,conv2,bn2[,conv3,bn3]}`,
-`layer{s}/shortcut/{conv,bn}`, `fc` -- one-to-one with torchvision's `layer{s}.{t}.conv1`,
-`layer{s}.0.downsample.{0,1}` (see `cnn.models.convert`).
+Parameter trees:
+- `scheme=None`: `conv1`, `bn1`, `layer{1..4}/block{t}/{conv1,bn1,conv2,bn2[,conv3,bn3]}`,
+  `layer{s}/shortcut/{conv,bn}`, `fc` -- one-to-one with torchvision's `layer{s}.{t}.conv1`,
+  `layer{s}.0.downsample.{0,1}` (see `cnn.models.convert`).
+- with a scheme: `layer{s}/entry/{block,shortcut}` (stages with a transition: torchvision's
+  block 0 and downsample), then `layer{s}/blocks/block` (the remaining blocks stacked on a leading
+  axis, `scan=True`) or `layer{s}/blocks_{i}/block` (`scan=False`), or `layer{s}/tied_block/block`
+  (`tied=True`), and `layer{s}/knobs/<name>` `[num_blocks]` for schemes with knobs.
+  `cnn.models.convert` reads torchvision weights into this layout (untied, scanned or not);
+  `cnn.ode.stack_unrolled` / `unstack_scanned` convert between scanned and unrolled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -43,6 +78,8 @@ import jax.numpy as jnp
 
 from cnn.models.layers import MaxPool, check_input, kaiming_fan_out, torch_linear_init
 from cnn.models.registry import register
+from cnn.ode.schemes import START_MODES, Scheme, get_scheme
+from cnn.ode.stage import HISTORY_MODES, ODEStage, linear_drop_path_rates
 
 Dtype = Any
 
@@ -203,18 +240,29 @@ class ResNetStage(nn.Module):
 class ResNet(nn.Module):
     """ImageNet ResNet: `[batch, h, w, 3] -> [batch, num_classes]` (224 canonical; any h, w >= 1).
 
-    Stem: conv 7x7/2 (64) - BN - ReLU - max pool 3x3/2 (pad 1); four `ResNetStage`s with strides
-    1, 2, 2, 2 and widths 64, 128, 256, 512 (x4 for bottlenecks); global average pool; fc.
+    Stem: conv 7x7/2 (64) - BN - ReLU - max pool 3x3/2 (pad 1); four stages with strides 1, 2, 2,
+    2 and widths 64, 128, 256, 512 (x4 for bottlenecks); global average pool; fc. The stages are
+    `ResNetStage`s (`scheme=None`) or `cnn.ode.ODEStage`s stepped by `scheme` (module docstring).
 
     Attributes:
       depth: 18, 34, 50, 101 or 152 (basic blocks for 18/34, bottlenecks above).
       num_classes: output classes.
       zero_init_last_bn: zero-init the last BN scale of each residual branch (Goyal et al. 2017),
         so every block starts as the identity map.
-      remat: rematerialize residual modules to save activation memory.
+      remat: rematerialize residual modules (scheme steps with a scheme) to save activation memory.
       stage_sizes: override the blocks per stage (default from `depth`).
       bn_axis_name: pmap/shard axis over which BatchNorm averages its statistics, if any.
       dtype: computation dtype; param_dtype: parameter storage dtype.
+      scheme: None (torchvision layout, `ResNetStage`), or a `cnn.ode.Scheme` / scheme name
+        ("euler", "lm", "rk2", "rk4", "ab2", ...; `cnn.ode.available_schemes()`). Scheme options
+        (`h`, `k_init`, ...) go through `create(..., scheme_options={...})` or `get_scheme`.
+      scan: with a scheme, run each stage's identical blocks under `nn.scan` (compile time
+        independent of depth); False unrolls them (same function, `blocks_{i}` layout).
+      tied: with a scheme, share the residual weights over each stage's identical blocks.
+      start, history_at_entry: `cnn.ode.ODEStage` options for multistep schemes (defaults: the
+        LM-ResNet paper's "euler" / "restart").
+      final_survival: with a scheme, stochastic depth: survival probability of the last block
+        (1 = off), linear in depth over all `sum(stage_sizes)` blocks; rng stream "dropout".
     """
 
     depth: int = 50
@@ -225,6 +273,12 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scheme: Scheme | str | None = None
+    scan: bool = True
+    tied: bool = False
+    start: str = "euler"
+    history_at_entry: str = "restart"
+    final_survival: float = 1.0
 
     canonical_input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
 
@@ -233,11 +287,43 @@ class ResNet(nn.Module):
             raise ValueError(f"depth={self.depth!r} is not an ImageNet ResNet depth; valid: {sorted(STAGE_SIZES)}")
         if self.stage_sizes is not None and (len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1):
             raise ValueError(f"stage_sizes={self.stage_sizes!r} must be 4 positive block counts")
+        if self.scheme is None:
+            # These options belong to ODEStage; silently ignoring them would train another network.
+            ode_only = {"tied": (self.tied, False), "start": (self.start, "euler"),
+                        "history_at_entry": (self.history_at_entry, "restart"),
+                        "final_survival": (self.final_survival, 1.0)}
+            for option, (value, default) in ode_only.items():
+                if value != default:
+                    raise ValueError(
+                        f"{option}={value!r} needs a discretization scheme; scheme=None builds the "
+                        f"torchvision-layout ResNetStage. Pass scheme='euler' for the same network as ODE stages"
+                    )
+        else:
+            get_scheme(self.scheme)  # unknown names raise here, at construction
+            if self.start not in START_MODES:
+                raise ValueError(f"start={self.start!r}: must be one of {START_MODES}")
+            if self.history_at_entry not in HISTORY_MODES:
+                raise ValueError(f"history_at_entry={self.history_at_entry!r}: must be one of {HISTORY_MODES}")
+            linear_drop_path_rates(sum(self.sizes), self.final_survival)  # validates final_survival
         super().__post_init__()
 
     @property
     def residual(self) -> type[nn.Module]:
         return BasicResidual if self.depth < 50 else BottleneckResidual
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Blocks per stage: `stage_sizes`, or the depth's standard sizes."""
+        return tuple(self.stage_sizes) if self.stage_sizes is not None else STAGE_SIZES[self.depth]
+
+    def transitions(self) -> tuple[bool, ...]:
+        """Per stage, whether block 0 changes shape (has a `Projection` shortcut / an entry block)."""
+        channels, out = 64, []
+        for stage, features in enumerate(STAGE_FEATURES):
+            width = features * self.residual.expansion
+            out.append(stage > 0 or channels != width)
+            channels = width
+        return tuple(out)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -253,29 +339,104 @@ class ResNet(nn.Module):
             )(x)
         )
         x = MaxPool(3, 2, padding=1, name="maxpool")(x)
-        sizes = tuple(self.stage_sizes) if self.stage_sizes is not None else STAGE_SIZES[self.depth]
-        for stage, (num_blocks, features) in enumerate(zip(sizes, STAGE_FEATURES)):
-            x = ResNetStage(
-                residual=self.residual, num_blocks=num_blocks, features=features, strides=1 if stage == 0 else 2,
-                zero_init_last_bn=self.zero_init_last_bn, remat=self.remat, bn_axis_name=self.bn_axis_name,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{stage + 1}",
-            )(x, train=train)
+        x = self._torchvision_stages(x, train) if self.scheme is None else self._ode_stages(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(
             self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype, param_dtype=self.param_dtype,
             name="fc",
         )(x)
 
+    def _torchvision_stages(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        for stage, (num_blocks, features) in enumerate(zip(self.sizes, STAGE_FEATURES)):
+            x = ResNetStage(
+                residual=self.residual, num_blocks=num_blocks, features=features, strides=1 if stage == 0 else 2,
+                zero_init_last_bn=self.zero_init_last_bn, remat=self.remat, bn_axis_name=self.bn_axis_name,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{stage + 1}",
+            )(x, train=train)
+        return x
+
+    def _ode_stages(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        scheme = get_scheme(self.scheme)
+        sizes = self.sizes
+        rates = linear_drop_path_rates(sum(sizes), self.final_survival) if self.final_survival < 1.0 else ()
+        layers = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        history, first_block = None, 0
+        for stage, (num_blocks, features) in enumerate(zip(sizes, STAGE_FEATURES)):
+            strides = 1 if stage == 0 else 2
+            width = features * self.residual.expansion
+            transition = strides != 1 or x.shape[-1] != width
+            residual = functools.partial(
+                self.residual, features=features, zero_init_last_bn=self.zero_init_last_bn, **layers
+            )
+            x, history = ODEStage(
+                scheme=scheme,
+                block=functools.partial(residual, strides=1),
+                num_blocks=num_blocks,
+                entry_block=functools.partial(residual, strides=strides) if transition else None,
+                entry_shortcut=functools.partial(Projection, features=width, strides=strides, **layers)
+                if transition else None,
+                tied=self.tied,
+                scan=self.scan,
+                remat=self.remat,
+                start=self.start,
+                history_at_entry=self.history_at_entry,
+                drop_path_rates=tuple(rates[first_block : first_block + num_blocks]),
+                step_activation=nn.relu,
+                param_dtype=self.param_dtype,
+                name=f"layer{stage + 1}",
+            )(x, history, train=train)
+            first_block += num_blocks
+        return x
+
+
+def _resolve_scheme(scheme: Scheme | str | None, scheme_options: Mapping[str, Any] | None) -> Scheme | None:
+    """`get_scheme(scheme, **scheme_options)`, or None for the torchvision layout."""
+    if scheme is None:
+        if scheme_options:
+            raise ValueError(
+                f"scheme_options={dict(scheme_options)!r} given without a scheme; pass scheme='euler', 'lm', ..."
+            )
+        return None
+    return get_scheme(scheme, **dict(scheme_options or {}))
+
+
+@register("resnet")
+def imagenet_resnet(
+    *,
+    depth: int = 50,
+    scheme: Scheme | str | None = None,
+    scheme_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> ResNet:
+    """Builds a `ResNet`; `scheme_options` go to `cnn.ode.get_scheme` (e.g. `{"h": 0.5}`,
+    `{"k_init": (-0.1, 0.0), "constrain": True}`); other options are `ResNet` attributes."""
+    return ResNet(depth=depth, scheme=_resolve_scheme(scheme, scheme_options), **options)
+
 
 def _resnet_constructor(depth: int):
     def make(**options: Any) -> ResNet:
-        return ResNet(depth=depth, **options)
+        if "depth" in options:
+            raise ValueError(
+                f"depth={options['depth']!r}: this name fixes depth={depth}; use create('resnet', depth=...)"
+            )
+        return imagenet_resnet(depth=depth, **options)
 
     make.__name__ = make.__qualname__ = f"resnet{depth}"
-    make.__doc__ = f"ResNet-{depth} (ImageNet, v1.5); options as `ResNet`."
+    make.__doc__ = f"ResNet-{depth} (ImageNet, v1.5); options as `imagenet_resnet` / `ResNet`."
     return make
 
 
 for _depth in STAGE_SIZES:
     register(f"resnet{_depth}")(_resnet_constructor(_depth))
-register("resnet")(ResNet)
+
+
+__all__ = [
+    "STAGE_FEATURES",
+    "STAGE_SIZES",
+    "BasicResidual",
+    "BottleneckResidual",
+    "Projection",
+    "ResNet",
+    "ResNetStage",
+    "imagenet_resnet",
+]
