@@ -1,0 +1,41 @@
+"""Six schemes on the full Fashion-MNIST (60,000 / 10,000), CPU budget of tens of minutes.
+
+Needs the original IDX files (set CNN_DATA_DIR, e.g. to ../shared/data):
+
+    CNN_DATA_DIR=../shared/data python -m experiments.compare_schemes \
+        --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
+
+`experiments/configs/fashion_mnist_gpu.py` is the larger Euler-vs-LM grid for a GPU.
+"""
+
+from experiments.compare_schemes import base_config
+
+
+def get_config(dataset: str = "fashion_mnist"):
+    config = base_config()
+    config.name = dataset
+    config.schemes = ("euler", "lm", "midpoint", "ab2", "leapfrog", "backward_euler")
+    config.scheme_options = {"backward_euler": {"iterations": 2}}
+    config.depths = (8, 14)
+    config.seeds = (0, 1)
+    config.model_options = {"width": 8}
+    config.data_in_memory = True  # raw IDX files into RAM: no per-record decoding
+
+    train = config.train
+    train.dataset = dataset
+    train.num_classes = 10
+    train.batch_size = 128
+    train.num_epochs = 1.0
+    train.augment = "random_flip" if dataset == "fashion_mnist" else ""
+    train.optimizer.name = "sgd"
+    train.optimizer.learning_rate = 0.1
+    train.optimizer.momentum = 0.9
+    train.optimizer.weight_decay = 1e-4
+    train.optimizer.schedule = "cosine"
+    train.optimizer.warmup_epochs = 0.1
+    train.log_every_steps = 50
+    train.eval_every_steps = 0  # once per epoch
+    train.checkpoint.every_steps = 200
+    train.checkpoint.max_to_keep = 1
+    train.checkpoint.best_metric = ""
+    return config

@@ -1,0 +1,273 @@
+"""Runs a grid of training cells with `cnn.train.fit`, resumably, and summarizes them.
+
+A *cell* is one training run: a name, overrides of the base training config (model options,
+seed, ...) and where it lives (`<workdir>/cells/<name>/`, a complete `cnn.train` run
+directory). A finished cell holds `cell.json` (its summary) and is never retrained; an
+interrupted one resumes from its last checkpoint. Any cell can be rerun alone by naming it in
+`config.only`.
+
+Used by `experiments/compare_schemes.py` (scheme x depth x seed) and `experiments/ablations.py`
+(named variants x seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from cnn import models
+from cnn.ode import analysis, get_scheme
+from cnn.train import loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run of a grid.
+
+    Attributes:
+      name: unique, filesystem-safe (e.g. "lm-d20-s0").
+      group: what the cell's seeds are averaged over (e.g. "lm-d20").
+      overrides: fields of the training config to set (nested dicts merge one level deep).
+      labels: values describing the cell in tables and plots (scheme, depth, seed, ...).
+    """
+
+    name: str
+    group: str
+    overrides: Mapping[str, Any]
+    labels: Mapping[str, Any]
+
+
+def cell_config(base: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
+    """The training config of `cell`: `base` with the cell's overrides merged in."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    for key, value in cell.overrides.items():
+        if isinstance(value, Mapping) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+            merged = config[key].to_dict()
+            merged.update(dict(value))
+            config[key] = ml_collections.ConfigDict(merged)
+        else:
+            config[key] = value
+    return config
+
+
+def _median_step_seconds(history: Sequence[Mapping[str, Any]], batch_size: int) -> float:
+    """Median wall time per step over the logged windows, leaving out the first (it compiles)."""
+    rates = [record["train/examples_per_sec"] for record in history if "train/examples_per_sec" in record]
+    rates = rates[1:] if len(rates) > 1 else rates
+    return float(batch_size / np.median(rates)) if rates else float("nan")
+
+
+def _learned_knobs(params: Mapping[str, Any], scheme_name: str | None) -> dict[str, list[float]]:
+    if not scheme_name:
+        return {}
+    scheme = get_scheme(scheme_name)
+    return {knob: analysis.learned_knobs(params, scheme, knob).tolist() for knob in scheme.knob_names}
+
+
+def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
+    """Atomic write: a crash never leaves a half-written summary behind."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def run_cell(
+    base: ml_collections.ConfigDict,
+    cell: Cell,
+    workdir: pathlib.Path,
+    *,
+    datasets: loop.DatasetFactory | None = None,
+) -> dict[str, Any]:
+    """Trains one cell (or resumes it) and returns its summary; a finished cell is read back.
+
+    The summary holds the cell's labels, parameter count, final test loss/accuracy, final
+    training loss, the evaluation curve, median wall time per step, the time from the start of
+    `fit` to the first dispatched step (compilation dominates it; near zero when an identical
+    model was compiled earlier in the process), and learned scheme knobs (LM's `k_t`).
+    """
+    cell_dir = workdir / "cells" / cell.name
+    done = cell_dir / "cell.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    config = cell_config(base, cell)
+    started = time.perf_counter()
+    first_step: list[float] = []
+
+    def note_first_step(step: int, state: Any) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter())
+
+    result = loop.fit(config, cell_dir, datasets=datasets, callbacks=[note_first_step])
+    finished = time.perf_counter()
+    params = result.state.params
+    train_losses = [r["train/loss"] for r in result.train_history if "train/loss" in r]
+    scheme_name = dict(config.model_options).get("scheme")
+    summary = {
+        "name": cell.name,
+        "group": cell.group,
+        "labels": dict(cell.labels),
+        "params": models.count_params(params),
+        "test_accuracy": float(result.final_eval["accuracy"]),
+        "test_loss": float(result.final_eval["loss"]),
+        "train_loss": float(train_losses[-1]) if train_losses else float("nan"),
+        "eval_curve": [[int(r["step"]), float(r["eval/accuracy"])] for r in result.eval_history],
+        "steps": int(result.steps),
+        "seconds_per_step": _median_step_seconds(result.train_history, int(config.batch_size)),
+        "seconds_to_first_step": (first_step[0] - started) if first_step else float("nan"),
+        "seconds_total": finished - started,
+        "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None),
+    }
+    _write_json(done, summary)
+    return summary
+
+
+def run_grid(
+    base: ml_collections.ConfigDict,
+    cells: Sequence[Cell],
+    workdir: str | os.PathLike,
+    *,
+    only: Iterable[str] = (),
+    datasets: loop.DatasetFactory | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Runs every cell (or those named in `only`), skipping finished ones; returns all summaries
+    that exist (finished cells outside `only` included, so tables stay complete).
+
+    Raises:
+      ValueError: `only` names a cell that is not in the grid.
+    """
+    workdir = pathlib.Path(workdir)
+    names = [cell.name for cell in cells]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cell names must be unique, got duplicates in {names}")
+    only = list(only)
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"config.only names unknown cells {unknown}; cells of this grid: {names}")
+    todo = [cell for cell in cells if not only or cell.name in only]
+    summaries: dict[str, dict[str, Any]] = {}
+    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        summary = run_cell(base, cell, workdir, datasets=datasets)
+        summaries[cell.name] = summary
+        bar.set_postfix_str(f"{cell.name}: acc {summary['test_accuracy']:.4f}")
+    for summary in finished_summaries(cells, workdir):  # finished cells outside `only`
+        summaries.setdefault(summary["name"], summary)
+    return [summaries[name] for name in names if name in summaries]
+
+
+def finished_summaries(cells: Sequence[Cell], workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The summaries of the cells of `cells` that have finished under `workdir`, in grid order."""
+    found = []
+    for cell in cells:
+        done = pathlib.Path(workdir) / "cells" / cell.name / "cell.json"
+        if done.exists():
+            found.append(json.loads(done.read_text()))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries over seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """A group's cells (its seeds) reduced to mean and spread."""
+
+    group: str
+    labels: Mapping[str, Any]
+    count: int
+    accuracy_mean: float
+    accuracy_std: float  # sample standard deviation over seeds (0 for one seed)
+    train_loss_mean: float
+    params: int
+    seconds_per_step: float
+    seconds_to_first_step: float  # the largest over seeds: the one that compiled
+
+    @property
+    def accuracy_sem(self) -> float:
+        """Standard error of the mean accuracy."""
+        return self.accuracy_std / math.sqrt(self.count) if self.count > 1 else float("nan")
+
+
+def group_stats(summaries: Sequence[Mapping[str, Any]], seed_label: str = "seed") -> list[GroupStats]:
+    """Reduces cell summaries to one `GroupStats` per group, in first-appearance order."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for summary in summaries:
+        groups.setdefault(summary["group"], []).append(summary)
+    stats = []
+    for group, members in groups.items():
+        accuracies = np.array([m["test_accuracy"] for m in members])
+        labels = {k: v for k, v in members[0]["labels"].items() if k != seed_label}
+        stats.append(
+            GroupStats(
+                group=group,
+                labels=labels,
+                count=len(members),
+                accuracy_mean=float(accuracies.mean()),
+                accuracy_std=float(accuracies.std(ddof=1)) if len(members) > 1 else 0.0,
+                train_loss_mean=float(np.mean([m["train_loss"] for m in members])),
+                params=int(members[0]["params"]),
+                seconds_per_step=float(np.median([m["seconds_per_step"] for m in members])),
+                seconds_to_first_step=float(max(m["seconds_to_first_step"] for m in members)),
+            )
+        )
+    return stats
+
+
+def compare_to_reference(stat: GroupStats, reference: GroupStats, sigmas: float = 2.0) -> tuple[float, float, str]:
+    """Difference of mean accuracies (stat - reference), its standard error, and a verdict.
+
+    The verdict is "within noise" unless the difference exceeds `sigmas` standard errors
+    (Welch's combination of the two groups' standard errors); with one seed per group there is
+    no error estimate and the verdict says so.
+    """
+    difference = stat.accuracy_mean - reference.accuracy_mean
+    if stat.count < 2 or reference.count < 2:
+        return difference, float("nan"), "one seed: no noise estimate"
+    error = math.sqrt(stat.accuracy_sem**2 + reference.accuracy_sem**2)
+    if error == 0.0 or abs(difference) <= sigmas * error:
+        return difference, error, "within noise"
+    return difference, error, "better" if difference > 0 else "worse"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+    """`--config=path.py [--config.key=value ...] --workdir=dir` via ml_collections' config flags."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default_config_path, "experiment config file", flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
+    flag_values(list(argv))
+    config = flag_values.config
+    workdir = flag_values.workdir or str(pathlib.Path("runs") / config.get("name", "run"))
+    return config, pathlib.Path(workdir)
+
