@@ -24,16 +24,13 @@ same command continues an interrupted comparison. One cell alone:
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import pathlib
-import platform
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import matplotlib
 import ml_collections
 import numpy as np
@@ -266,18 +263,6 @@ def plot_learned_k(summaries: Sequence[Mapping[str, Any]], path: pathlib.Path) -
 # Report
 
 
-def _hardware() -> str:
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", device.platform)
-    return f"{jax.device_count()} x {kind} ({device.platform}), host {platform.machine()}, {_cpu_count()} CPU cores"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def write_report(
     config: ml_collections.ConfigDict,
     summaries: Sequence[Mapping[str, Any]],
@@ -308,8 +293,7 @@ def write_report(
         + (f", per scheme {json.dumps(config.scheme_model_options.to_dict())}" if config.scheme_model_options else "")
         + f"; seeds {list(config.seeds)} "
         "(a seed sets the initialization and the data order; every scheme sees the same orders)",
-        f"- hardware: {_hardware()}; JAX {jax.__version__}; "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- hardware: {grid.hardware()}",
         f"- command: `{command}`",
         "",
         grid.markdown_table(header, rows),

@@ -242,6 +242,22 @@ def compare_to_reference(stat: GroupStats, reference: GroupStats, sigmas: float 
     return difference, error, "better" if difference > 0 else "worse"
 
 
+def hardware() -> str:
+    """Devices, host, JAX version and the date, for the header of a results file."""
+    import datetime
+    import platform
+
+    import jax
+
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{jax.device_count()} x {kind} ({device.platform}), host {platform.machine()}, {cores} CPU cores; "
+        f"JAX {jax.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
