@@ -1,1 +1,2 @@
 """cnn.metrics."""
+from cnn.metrics import detection  # noqa: E402,F401  (VOC AP and mAP)

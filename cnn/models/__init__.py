@@ -16,5 +16,6 @@ import cnn.models.googlenet  # noqa: E402,F401
 import cnn.models.resnet  # noqa: E402,F401
 import cnn.models.cifar_resnet  # noqa: E402,F401
 from cnn.models import simple  # noqa: E402,F401  (simple_cnn)
+import cnn.models.yolo  # noqa: E402,F401  (yolo_v1, yolo_v1_tiny)
 
 __all__ = ["available", "count_params", "create", "register"]
