@@ -17,5 +17,9 @@ import cnn.models.resnet  # noqa: E402,F401
 import cnn.models.cifar_resnet  # noqa: E402,F401
 from cnn.models import simple  # noqa: E402,F401  (simple_cnn)
 import cnn.models.yolo  # noqa: E402,F401  (yolo_v1, yolo_v1_tiny)
+import cnn.models.fcn  # noqa: E402,F401  (fcn32s, fcn16s, fcn8s)
+import cnn.models.segnet  # noqa: E402,F401
+import cnn.models.unet  # noqa: E402,F401
+import cnn.models.dilated  # noqa: E402,F401  (dilated_frontend, dilated_context)
 
 __all__ = ["available", "count_params", "create", "register"]
