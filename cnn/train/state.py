@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -87,13 +88,19 @@ def create_train_state(
     """
     params_key, dropout_key, run_key = jax.random.split(_as_key(rng), 3)
     shape, dtype = tuple(int(d) for d in input_shape), jnp.dtype(input_dtype)
-    try:
-        hash(model)
-    except TypeError:  # a module with unhashable attributes: compile for this call only
-        init_once = jax.jit(lambda p, d: _init_variables.__wrapped__(model, shape, dtype, p, d))
-        variables = init_once(params_key, dropout_key)
-    else:
-        variables = _init_variables(model, shape, dtype, params_key, dropout_key)
+    # The non-partitionable threefry generator compiles a model's init several times faster on
+    # XLA:CPU (one random draw per kernel; a depth-2 U-Net: 6 s instead of 30 s, a CIFAR
+    # ResNet-20: 2.5 s instead of 5.4 s on 2 cores). The initial weights come from a different,
+    # equally valid and still deterministic stream; nothing after init is affected.
+    switch = getattr(jax, "threefry_partitionable", None)
+    with switch(False) if callable(switch) else contextlib.nullcontext():
+        try:
+            hash(model)
+        except TypeError:  # a module with unhashable attributes: compile for this call only
+            init_once = jax.jit(lambda p, d: _init_variables.__wrapped__(model, shape, dtype, p, d))
+            variables = init_once(params_key, dropout_key)
+        else:
+            variables = _init_variables(model, shape, dtype, params_key, dropout_key)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
