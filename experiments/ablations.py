@@ -147,18 +147,12 @@ def write_report(config, summaries: Sequence[Mapping[str, Any]], workdir: pathli
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str = "") -> pathlib.Path:
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    grid_cells = cells(config)
-    if config.report_only:
-        summaries = grid.finished_summaries(grid_cells, workdir)
-    else:
-        summaries = grid.run_grid(
-            compare_schemes.training_base(config), grid_cells, workdir, only=config.only,
-            datasets=compare_schemes.datasets_factory(config), progress=bool(config.progress),
-        )
-    return write_report(config, summaries, workdir, command or "python -m experiments.ablations")
+    """Runs (or resumes) the ablations and writes the report; returns the path of results.md."""
+    summaries = grid.run_experiment(
+        config, workdir, cells(config), compare_schemes.training_base(config),
+        datasets=compare_schemes.datasets_factory(config),
+    )
+    return write_report(config, summaries, pathlib.Path(workdir), command or "python -m experiments.ablations")
 
 
 def main(argv: Sequence[str]) -> None:

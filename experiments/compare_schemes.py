@@ -331,19 +331,10 @@ def write_report(
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str = "") -> pathlib.Path:
     """Runs (or resumes) the comparison and writes the report; returns the path of results.md."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    if config.report_only:
-        summaries = grid.finished_summaries(cells(config), workdir)
-        if not summaries:
-            raise ValueError(f"config.report_only=True but no finished cells under {workdir / 'cells'}")
-    else:
-        summaries = grid.run_grid(
-            training_base(config), cells(config), workdir, only=config.only, datasets=datasets_factory(config),
-            progress=bool(config.progress),
-        )
-    return write_report(config, summaries, workdir, command or "python -m experiments.compare_schemes")
+    summaries = grid.run_experiment(
+        config, workdir, cells(config), training_base(config), datasets=datasets_factory(config)
+    )
+    return write_report(config, summaries, pathlib.Path(workdir), command or "python -m experiments.compare_schemes")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -167,6 +167,32 @@ def run_grid(
     return [summaries[name] for name in names if name in summaries]
 
 
+def run_experiment(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    cells: Sequence[Cell],
+    base: ml_collections.ConfigDict,
+    *,
+    datasets: loop.DatasetFactory | None = None,
+) -> list[dict[str, Any]]:
+    """What an experiment script does before its report: writes config.json into `workdir`, then
+    runs the grid (`config.only`, `config.progress`) or, with `config.report_only`, collects the
+    finished cells without training.
+
+    Raises:
+      ValueError: `config.report_only` is set but no cell has finished.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    if config.report_only:
+        summaries = finished_summaries(cells, workdir)
+        if not summaries:
+            raise ValueError(f"config.report_only=True but no finished cells under {workdir / 'cells'}")
+        return summaries
+    return run_grid(base, cells, workdir, only=config.only, datasets=datasets, progress=bool(config.progress))
+
+
 def finished_summaries(cells: Sequence[Cell], workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """The summaries of the cells of `cells` that have finished under `workdir`, in grid order."""
     found = []
