@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m experiments.conv_arithmetic --workdir=runs/conv_arithmetic
+	$(BIN)/python -m experiments.compare_schemes --config=experiments/configs/demo.py --workdir=runs/demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile

@@ -144,7 +144,7 @@ def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dty
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args()

@@ -157,6 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command:
 
 def main(argv: Sequence[str]) -> None:
     config, workdir = grid.parse_cli_config(argv, "experiments/configs/ablations.py")
+    grid.use_compilation_cache(workdir / ".jax_cache")  # seeds after the first reuse the programs
     report = run(config, workdir, command=" ".join(["python -m experiments.ablations", *argv[1:]]))
     print(report.read_text())
     print(f"wrote {report}")

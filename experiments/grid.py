@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -298,6 +299,20 @@ def write_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def use_compilation_cache(directory: str | os.PathLike) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` for this process.
+
+    The cells of a grid that differ only in their seed compile the same programs: with the cache
+    the second and third seeds of a cell load them (about 0.5 s instead of 4-7 s per cell on a
+    2-core CPU, most of a small cell's time). Called by the experiment scripts' command lines,
+    before anything is compiled; library functions leave the process-wide setting alone.
+    """
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_collections.ConfigDict, pathlib.Path]:

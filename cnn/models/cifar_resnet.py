@@ -48,6 +48,7 @@ from cnn.models.layers import kaiming_fan_out
 from cnn.models.registry import register
 from cnn.ode.schemes import Scheme, get_scheme
 from cnn.ode.stage import ODEStage, linear_drop_path_rates
+from cnn.ops.conv import conv_general_dilated
 
 Dtype = Any
 SHORTCUTS = ("A", "B")
@@ -76,6 +77,7 @@ class _Layers(nn.Module):
         return nn.Conv(
             features, (kernel, kernel), strides=strides, padding=kernel // 2 if kernel > 1 else 0,
             use_bias=False, kernel_init=kaiming_fan_out, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            conv_general_dilated=conv_general_dilated,  # fast gradients inside nn.scan on CPU
         )
 
     def norm(self, train: bool, name: str) -> nn.BatchNorm:

@@ -80,6 +80,7 @@ from cnn.models.layers import MaxPool, check_input, kaiming_fan_out, torch_linea
 from cnn.models.registry import register
 from cnn.ode.schemes import START_MODES, Scheme, get_scheme
 from cnn.ode.stage import HISTORY_MODES, ODEStage, linear_drop_path_rates
+from cnn.ops.conv import conv_general_dilated
 
 Dtype = Any
 
@@ -98,6 +99,7 @@ class _ConvBN(nn.Module):
         return nn.Conv(
             features, (kernel, kernel), strides=strides, padding=kernel // 2, use_bias=False,
             kernel_init=kaiming_fan_out, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            conv_general_dilated=conv_general_dilated,  # fast gradients inside nn.scan on CPU
         )
 
     def norm(self, train: bool, name: str, zero_init: bool = False) -> nn.BatchNorm:

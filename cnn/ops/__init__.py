@@ -14,7 +14,7 @@ from cnn.ops.arithmetic import (
     pool_output_size,
     same_padding,
 )
-from cnn.ops.conv import conv1x1, conv2d, conv_matrix, conv_transpose2d
+from cnn.ops.conv import conv1x1, conv2d, conv_general_dilated, conv_matrix, conv_transpose2d
 from cnn.ops.fc_to_conv import dense_to_conv1x1_kernel, dense_to_conv_kernel
 from cnn.ops.pooling import avg_pool2d, max_pool2d, max_pool_with_argmax, max_unpool
 from cnn.ops.receptive_field import (
@@ -31,6 +31,7 @@ __all__ = [
     "avg_pool2d",
     "conv1x1",
     "conv2d",
+    "conv_general_dilated",
     "conv_matrix",
     "conv_output_shape",
     "conv_output_size",

@@ -12,6 +12,7 @@ gradient of a convolution with respect to its input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -238,3 +239,92 @@ def conv_matrix(
                         # output channel o reads input channel c with weight kernel[u, v, c, o]
                         matrix[i, j, :, row, col, :] += kernel[u, v].T
     return matrix.reshape(out_h * out_w * cout, height * width * cin)
+
+
+# --------------------------------------------------- convolution with an XLA-CPU-friendly backward
+
+
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_canonical_backward(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
+    return _conv_nhwc(x, kernel, padding, precision)
+
+
+def _canonical_forward(x, kernel, padding, precision):
+    return _conv_nhwc(x, kernel, padding, precision), (x, kernel)
+
+
+def _canonical_backward(padding, precision, residuals, dy):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    # dW[u, v, c, o] = sum_{b,i,j} x_pad[b, i+u, j+v, c] dy[b, i, j, o]: a stride-1 convolution of
+    # x^T [c, h, w, b] (batch as features) with dy^T [h', w', b, o] as the kernel.
+    dkernel = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
+    dkernel = dkernel.transpose(1, 2, 0, 3)
+    # dx: the transposed convolution, i.e. dy padded by (f - 1 - p) correlated with the spatially
+    # flipped kernel whose in/out channels are swapped.
+    (top, bottom), (left, right) = padding
+    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+    dx = _conv_nhwc(dy, flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_conv_canonical_backward.defvjp(_canonical_forward, _canonical_backward)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """`jax.lax.conv_general_dilated` whose gradient runs fast on XLA's CPU backend.
+
+    A drop-in for the `conv_general_dilated` attribute of `flax.linen.Conv`; the CNNs whose
+    blocks run under `nn.scan` use it. Same forward values; on the CPU backend, for the common
+    case (NHWC input, HWIO kernel, stride 1, no dilation, one group, explicit padding of at most
+    `f - 1`), the backward pass is written as two stride-1 NHWC/HWIO convolutions
+    (`dW = conv(x^T, dy^T)`, `dx = conv(pad(dy), flipped kernel^T)`) instead of JAX's transpose
+    rules. Why: XLA CPU rewrites convolutions into its fast NHWC form only in the entry
+    computation, so the gradient convolutions JAX emits inside an `nn.scan` loop body fall back
+    to a generic loop, 10-40x slower (benchmarks/RESULTS.md). Every other case, and every other
+    backend (GPU/TPU compile both forms well), is plain `lax.conv_general_dilated`.
+
+    Args: as `jax.lax.conv_general_dilated`; `lhs` `[batch, height, width, in_channels]`,
+    `rhs` `[kernel_h, kernel_w, in_channels, out_channels]` in the fast case.
+    """
+    kernel_size = tuple(rhs.shape[:2])
+    fast = (
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
+        and not isinstance(padding, str)
+        and len(padding) == 2
+        and all(0 <= low <= f - 1 and 0 <= high <= f - 1 for (low, high), f in zip(padding, kernel_size))
+        and tuple(window_strides) == (1, 1)
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+    )
+    if fast:
+        padding = tuple((int(low), int(high)) for low, high in padding)
+        return _conv_canonical_backward(lhs, rhs, padding, precision)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+    )

@@ -80,6 +80,33 @@ def test_seed_statistics_and_noise_verdict_are_computed_from_the_cells(finished_
     assert "## Verdict" in report.read_text()
 
 
+def test_multistep_schemes_are_euler_with_one_block_per_stage(finished_run):
+    """Depth 8 has one block per stage, which LM starts with an Euler step: the same network."""
+    config, workdir, report = finished_run
+    for seed in config.seeds:
+        euler, lm = (json.loads((workdir / "cells" / f"{s}-d8-s{seed}" / "cell.json").read_text()) for s in ("euler", "lm"))
+        assert lm["train_loss"] == pytest.approx(euler["train_loss"], rel=1e-5)
+        assert lm["test_accuracy"] == euler["test_accuracy"]
+    assert "At depth 8 every stage has a single block" in report.read_text()
+
+
+def test_verdict_notes_count_chance_flags():
+    def stat(scheme, depth, mean):
+        labels = {"scheme": scheme, "depth": depth}
+        return grid.GroupStats(f"{scheme}-d{depth}", labels, 4, mean, 0.01, 0.005, 1000, 0.1, 1.0)
+
+    config = tiny_config()
+    config.schemes, config.depths = ("euler", "lm", "midpoint"), (8, 14)
+    stats = [stat("euler", 8, 0.9), stat("lm", 8, 0.9), stat("midpoint", 8, 0.9),
+             stat("euler", 14, 0.9), stat("lm", 14, 0.905), stat("midpoint", 14, 0.85)]
+    _, rows, notes = compare_schemes.table_rows(config, stats)
+    assert len(rows) == 6
+    assert notes[0].startswith("depth 14: midpoint is worse than euler by 5.00 points")
+    # 4 comparisons, P(|Z| > 2) = 0.0455 each: 0.18 expected by chance
+    assert "1 of 4 comparisons exceeds 2 standard errors; by chance alone about 0.2 would" in notes[1]
+    assert notes[2].startswith("At depth 8 every stage has a single block") and "lm compute the same" in notes[2]
+
+
 def test_noise_verdict_against_hand_computed_standard_errors():
     def stat(mean, std, count):
         return grid.GroupStats("g", {}, count, mean, std, 0.0, 0, 0.0, 0.0)

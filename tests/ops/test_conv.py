@@ -135,3 +135,72 @@ def test_works_under_jit_and_vmap(rng):
     mapped_t = jax.vmap(jax.jit(lambda yi: ops.conv_transpose2d(yi, kernel, stride=2, padding=1, output_padding=1)))(y)
     assert mapped_t.shape == (3, 1, 6, 6, 2)
     np.testing.assert_allclose(mapped_t[1], ops.conv_transpose2d(y[1], kernel, stride=2, padding=1, output_padding=1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, padding",
+    [((3, 3), ((1, 1), (1, 1))), ((1, 1), ((0, 0), (0, 0))), ((3, 2), ((2, 0), (0, 1))), ((5, 5), ((2, 2), (2, 2)))],
+)
+def test_conv_general_dilated_has_lax_values_and_gradients(rng, kernel_size, padding):
+    x = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*kernel_size, 3, 4)), jnp.float32)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        y = conv(x, w, (1, 1), padding, dimension_numbers=dims, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+
+    want = jax.value_and_grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+    got = jax.value_and_grad(lambda x, w: loss(ops.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    # and the forward against the numpy loops
+    np.testing.assert_allclose(
+        ops.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dims),
+        conv2d_loops(np.asarray(x), np.asarray(w), stride=(1, 1), pads=padding, dilation=(1, 1), groups=1),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+def test_conv_general_dilated_inside_scan_matches_lax_gradients(rng):
+    """The case it exists for: gradients of convolutions inside a `lax.scan` loop body."""
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 4)) * 0.3, jnp.float32)
+
+    def run(conv, x, ws):
+        def body(h, w):
+            return h + jnp.tanh(conv(h, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))), None
+
+        return jnp.sum(jax.lax.scan(body, x, ws)[0] ** 2)
+
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda x, ws: run(ops.conv_general_dilated, x, ws))(x, ws))
+    want = jax.grad(lambda x, ws: run(jax.lax.conv_general_dilated, x, ws), argnums=(0, 1))(x, ws)
+    got = jax.jit(jax.grad(lambda x, ws: run(ops.conv_general_dilated, x, ws), argnums=(0, 1)))(x, ws)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_general_dilated_falls_back_to_lax_for_strides_and_groups(rng):
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)
+    kwargs = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+    np.testing.assert_allclose(
+        ops.conv_general_dilated(x, w, (2, 2), "SAME", **kwargs),
+        jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", **kwargs),
+        rtol=1e-6,
+    )
+
+
+def test_conv_general_dilated_kernel_gradient_against_numpy_loops(rng):
+    x = rng.standard_normal((2, 4, 4, 2)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    w = jnp.zeros((3, 3, 2, 3), jnp.float32)
+    conv = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    _, vjp = jax.vjp(conv, jnp.asarray(x), w)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros((3, 3, 2, 3))
+    for i in range(3):
+        for j in range(3):  # dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T dy[b, h, w, :]
+            expected[i, j] = np.einsum("bhwc,bhwo->co", padded[:, i : i + 4, j : j + 4], dy)
+    np.testing.assert_allclose(vjp(jnp.asarray(dy))[1], expected, rtol=1e-5, atol=1e-4)
