@@ -91,6 +91,10 @@ def table_rows(config, stats: Sequence[grid.GroupStats]):
             f"No variant differs from {config.baseline} by more than {config.noise_sigmas:g} standard errors: "
             "on this budget every knob's effect is within seed noise."
         )
+    else:
+        comparisons = sum(1 for row in rows if row[5] not in ("baseline", "n/a"))
+        flags_note = grid.chance_note(len(notes), comparisons, config.noise_sigmas)
+        notes += [flags_note] if flags_note else []
     return header, rows, notes
 
 
@@ -156,11 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command:
 
 
 def main(argv: Sequence[str]) -> None:
-    config, workdir = grid.parse_cli_config(argv, "experiments/configs/ablations.py")
-    grid.use_compilation_cache(workdir / ".jax_cache")  # seeds after the first reuse the programs
-    report = run(config, workdir, command=" ".join(["python -m experiments.ablations", *argv[1:]]))
-    print(report.read_text())
-    print(f"wrote {report}")
+    grid.cli_main(argv, "experiments/configs/ablations.py", run, "experiments.ablations")
 
 
 if __name__ == "__main__":

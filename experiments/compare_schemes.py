@@ -181,14 +181,9 @@ def table_rows(config: ml_collections.ConfigDict, stats: Sequence[grid.GroupStat
             f"No scheme differs from {REFERENCE_SCHEME} by more than {config.noise_sigmas:g} standard errors "
             "at any depth: on this budget the schemes are within seed noise of each other."
         )
-    elif comparisons > 1:
-        chance = comparisons * math.erfc(config.noise_sigmas / math.sqrt(2))
-        notes.append(
-            f"{len(notes)} of {comparisons} comparisons {'exceeds' if len(notes) == 1 else 'exceed'} "
-            f"{config.noise_sigmas:g} standard errors; by chance "
-            f"alone about {chance:.1f} would (normal errors; fewer seeds make it more): treat a single flag as "
-            "a hint to rerun with more seeds, not as a finding."
-        )
+    else:
+        flags_note = grid.chance_note(len(notes), comparisons, config.noise_sigmas)
+        notes += [flags_note] if flags_note else []
     one_block = [int(d) for d in config.depths if config.model == "cifar_resnet" and blocks_per_stage(int(d)) == 1]
     schemes = {s: get_scheme(s, **dict(config.scheme_options.get(s, {}))) for s in config.schemes}
     multistep = [name for name, s in schemes.items() if s.num_past_states or s.num_past_derivatives]
@@ -356,11 +351,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command:
 
 
 def main(argv: Sequence[str]) -> None:
-    config, workdir = grid.parse_cli_config(argv, "experiments/configs/demo.py")
-    grid.use_compilation_cache(workdir / ".jax_cache")  # seeds after the first reuse the programs
-    report = run(config, workdir, command=" ".join(["python -m experiments.compare_schemes", *argv[1:]]))
-    print(report.read_text())
-    print(f"wrote {report}")
+    grid.cli_main(argv, "experiments/configs/demo.py", run, "experiments.compare_schemes")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -269,6 +270,20 @@ def compare_to_reference(stat: GroupStats, reference: GroupStats, sigmas: float 
     return difference, error, "better" if difference > 0 else "worse"
 
 
+def chance_note(flagged: int, comparisons: int, sigmas: float) -> str | None:
+    """A verdict line putting `flagged` of `comparisons` differences beyond `sigmas` standard
+    errors next to how many chance alone gives (`comparisons * P(|Z| > sigmas)` for normal
+    errors), or None when fewer than two comparisons or nothing was flagged."""
+    if flagged == 0 or comparisons < 2:
+        return None
+    expected = comparisons * math.erfc(sigmas / math.sqrt(2))
+    return (
+        f"{flagged} of {comparisons} comparisons {'exceeds' if flagged == 1 else 'exceed'} {sigmas:g} standard "
+        f"errors; by chance alone about {expected:.1f} would (normal errors; fewer seeds make it more): treat "
+        "a single flag as a hint to rerun with more seeds, not as a finding."
+    )
+
+
 def hardware() -> str:
     """Devices, host, JAX version and the date, for the header of a results file."""
     import datetime
@@ -301,18 +316,35 @@ def write_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence
         writer.writerows(rows)
 
 
-def use_compilation_cache(directory: str | os.PathLike) -> None:
+def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: float = 0.2) -> None:
     """Turns on JAX's persistent compilation cache in `directory` for this process.
 
     The cells of a grid that differ only in their seed compile the same programs: with the cache
     the second and third seeds of a cell load them (about 0.5 s instead of 4-7 s per cell on a
     2-core CPU, most of a small cell's time). Called by the experiment scripts' command lines,
     before anything is compiled; library functions leave the process-wide setting alone.
+    Programs that compile in under `min_compile_seconds` are not stored.
     """
     pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def cli_main(
+    argv: Sequence[str],
+    default_config_path: str,
+    run: Any,
+    module: str,
+) -> None:
+    """The command line of a grid experiment: parse `--config` / `--workdir`, turn on the
+    compilation cache in `<workdir>/.jax_cache` (seeds after the first reuse the programs), run
+    `run(config, workdir, command=...)` and print the report it returns the path of."""
+    config, workdir = parse_cli_config(argv, default_config_path)
+    use_compilation_cache(workdir / ".jax_cache")
+    report = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
+    print(report.read_text())
+    print(f"wrote {report}")
 
 
 def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
@@ -321,9 +353,14 @@ def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default_config_path, "experiment config file", flag_values=flag_values)
-    flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
-    flag_values(list(argv))
+    # ml_collections finds the `--config.key=value` overrides in sys.argv, not in the argv given.
+    saved_argv, sys.argv = sys.argv, list(argv)
+    try:
+        config_flags.DEFINE_config_file("config", default_config_path, "experiment config file", flag_values=flag_values)
+        flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
+        flag_values(list(argv))
+    finally:
+        sys.argv = saved_argv
     config = flag_values.config
     workdir = flag_values.workdir or str(pathlib.Path("runs") / config.get("name", "run"))
     return config, pathlib.Path(workdir)

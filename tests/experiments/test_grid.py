@@ -1,0 +1,54 @@
+"""experiments/grid.py's command line: config flags, workdir, compilation cache, report."""
+
+import subprocess
+import sys
+import textwrap
+
+from experiments import grid
+
+
+def test_cli_main_parses_flags_runs_and_prints_the_report(tmp_path, capsys):
+    config_file = tmp_path / "probe_config.py"
+    config_file.write_text(textwrap.dedent("""
+        import ml_collections
+        def get_config():
+            return ml_collections.ConfigDict({"name": "probe", "epochs": 3})
+    """))
+    calls = []
+
+    def run(config, workdir, command):
+        calls.append((config.epochs, workdir, command))
+        report = workdir / "results.md"
+        report.write_text("| table |\n")
+        return report
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    argv = ["prog", f"--config={config_file}", "--config.epochs=5", f"--workdir={workdir}"]
+    grid.cli_main(argv, str(config_file), run, "experiments.probe")
+    assert calls == [(5, workdir, " ".join(["python -m experiments.probe", *argv[1:]]))]
+    assert "| table |" in capsys.readouterr().out
+
+
+def test_compilation_cache_serves_a_second_process(tmp_path):
+    """The second process loads the first's compiled program from the cache directory."""
+    script = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp
+        from experiments import grid
+        grid.use_compilation_cache({str(tmp_path / "cache")!r}, min_compile_seconds=0)
+        f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+        print(float(f(jnp.arange(64.0).reshape(8, 8) / 64)))
+    """)
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert entries, "the first process wrote no cache entry"
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert second.stdout == first.stdout
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries  # read, not rewritten
+
+
+def test_chance_note_counts_expected_false_flags():
+    # P(|Z| > 2) = 0.0455: 14 comparisons give 0.64 flags by chance
+    assert "1 of 14 comparisons exceeds 2 standard errors; by chance alone about 0.6 would" in grid.chance_note(1, 14, 2.0)
+    assert "3 of 20 comparisons exceed 3 standard errors; by chance alone about 0.1 would" in grid.chance_note(3, 20, 3.0)
+    assert grid.chance_note(0, 14, 2.0) is None and grid.chance_note(1, 1, 2.0) is None
