@@ -144,17 +144,7 @@ def random_train_state(model: Any, input_shape: Sequence[int], *, seed: int = 0)
         return jnp.asarray(value, leaf.dtype)
 
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
-    tx = sgd()
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        apply_fn=model.apply,
-        params=params,
-        tx=tx,
-        opt_state=tx.init(params),
-        batch_stats=variables.get("batch_stats", {}),
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
+    return TrainState.from_variables(model.apply, variables, sgd(), seed)
 
 
 def cifar_model(depth: int, scheme: str, **options: Any) -> Any:

@@ -42,6 +42,21 @@ class TrainState(train_state.TrainState):
         """A typed key unique to this step: `fold_in(rng, step)` (no state is consumed)."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
+    @classmethod
+    def from_variables(cls, apply_fn: Any, variables: Any, tx: optax.GradientTransformation, rng: jax.Array | int) -> TrainState:
+        """Step 0 from initialized Flax `variables` (`{"params": ..., "batch_stats": ...}`):
+        the optimizer state is `tx.init(params)`, the key `rng` (a key or an int seed)."""
+        params = variables["params"]
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            apply_fn=apply_fn,
+            params=params,
+            tx=tx,
+            opt_state=tx.init(params),
+            batch_stats=variables.get("batch_stats", {}),
+            rng=jax.random.key_data(_as_key(rng)),
+        )
+
     def variables(self, params: Any | None = None) -> dict[str, Any]:
         """The Flax variable dict `{"params": ..., "batch_stats": ...}` for `apply_fn`."""
         variables = {"params": self.params if params is None else params}
@@ -101,16 +116,7 @@ def create_train_state(
             variables = init_once(params_key, dropout_key)
         else:
             variables = _init_variables(model, shape, dtype, params_key, dropout_key)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        apply_fn=model.apply,
-        params=params,
-        tx=tx,
-        opt_state=tx.init(params),
-        batch_stats=variables.get("batch_stats", {}),
-        rng=jax.random.key_data(run_key),
-    )
+    return TrainState.from_variables(model.apply, variables, tx, run_key)
 
 
 def state_to_tree(state: TrainState) -> dict[str, Any]:
