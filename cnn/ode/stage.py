@@ -15,6 +15,13 @@ Optionally block 0 changes shape (`entry_block` with stride / more channels, plu
     )
     y, history = stage(x, history=None, train=True)
 
+BatchNorm inside `F`: a scheme that evaluates `F` several times per step (Runge-Kutta stages,
+implicit sweeps) calls the same BatchNorm layers on each evaluation's input. In training each
+call normalizes with its own batch statistics, but the running averages used in eval mode mix
+all calls, so eval-mode accuracy of such schemes can fall far below their training accuracy
+(measured: experiments/RESULTS.md, section 2b); evaluate them with batch statistics or
+recalibrated statistics when comparing schemes. Single-evaluation schemes are unaffected.
+
 Options:
 - `start` ("euler" | "copy"): how the first step of a multistep scheme is taken (see
   `cnn.ode.schemes`); it applies to block 0 when the stage receives no history.
