@@ -261,16 +261,13 @@ def _canonical_forward(x, kernel, padding, precision):
 
 def _canonical_backward(padding, precision, residuals, dy):
     x, kernel = residuals
-    kh, kw = kernel.shape[:2]
     # dW[u, v, c, o] = sum_{b,i,j} x_pad[b, i+u, j+v, c] dy[b, i, j, o]: a stride-1 convolution of
     # x^T [c, h, w, b] (batch as features) with dy^T [h', w', b, o] as the kernel.
     dkernel = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
     dkernel = dkernel.transpose(1, 2, 0, 3)
-    # dx: the transposed convolution, i.e. dy padded by (f - 1 - p) correlated with the spatially
-    # flipped kernel whose in/out channels are swapped.
-    (top, bottom), (left, right) = padding
-    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
-    dx = _conv_nhwc(dy, flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision)
+    # dx: the transposed convolution (already a stride-1 NHWC/HWIO convolution of the padded dy
+    # with the flipped kernel).
+    dx = conv_transpose2d(dy, kernel, padding=padding, precision=precision)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
