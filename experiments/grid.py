@@ -19,7 +19,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -334,7 +334,7 @@ def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: flo
 def cli_main(
     argv: Sequence[str],
     default_config_path: str,
-    run: Any,
+    run: Callable[..., pathlib.Path],
     module: str,
 ) -> None:
     """The command line of a grid experiment: parse `--config` / `--workdir`, turn on the
