@@ -1073,10 +1073,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, command: 
 
 
 def main(argv: Sequence[str]) -> None:
-    config, workdir = grid.parse_cli_config(argv, "experiments/configs/dynamics_ode.py")
-    report = run(config, workdir, command=" ".join(["python -m experiments.dynamics", *argv[1:]]))
-    print(report.read_text())
-    print(f"wrote {report}")
+    # One training per scheme, nothing compiled twice: no compilation cache.
+    grid.cli_main(argv, "experiments/configs/dynamics_ode.py", run, "experiments.dynamics", compilation_cache=False)
 
 
 if __name__ == "__main__":

@@ -336,12 +336,16 @@ def cli_main(
     default_config_path: str,
     run: Callable[..., pathlib.Path],
     module: str,
+    *,
+    compilation_cache: bool = True,
 ) -> None:
-    """The command line of a grid experiment: parse `--config` / `--workdir`, turn on the
-    compilation cache in `<workdir>/.jax_cache` (seeds after the first reuse the programs), run
-    `run(config, workdir, command=...)` and print the report it returns the path of."""
+    """The command line of an experiment script: parse `--config` / `--workdir`, turn on the
+    compilation cache in `<workdir>/.jax_cache` (with `compilation_cache`: the seeds of a grid
+    after the first reuse the programs), run `run(config, workdir, command=...)` and print the
+    report it returns the path of."""
     config, workdir = parse_cli_config(argv, default_config_path)
-    use_compilation_cache(workdir / ".jax_cache")
+    if compilation_cache:
+        use_compilation_cache(workdir / ".jax_cache")
     report = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
     print(report.read_text())
     print(f"wrote {report}")

@@ -52,3 +52,21 @@ def test_chance_note_counts_expected_false_flags():
     assert "1 of 14 comparisons exceeds 2 standard errors; by chance alone about 0.6 would" in grid.chance_note(1, 14, 2.0)
     assert "3 of 20 comparisons exceed 3 standard errors; by chance alone about 0.1 would" in grid.chance_note(3, 20, 3.0)
     assert grid.chance_note(0, 14, 2.0) is None and grid.chance_note(1, 1, 2.0) is None
+
+
+def test_cli_main_without_compilation_cache_leaves_the_setting_alone(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grid, "use_compilation_cache", lambda directory, *a, **k: calls.append(directory))
+    config_file = tmp_path / "probe_config.py"
+    config_file.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'name': 'p'})\n")
+
+    def run(config, workdir, command):
+        (workdir / "results.md").write_text("ok\n")
+        return workdir / "results.md"
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grid.cli_main(["prog", f"--workdir={tmp_path / 'a'}"], str(config_file), run, "m", compilation_cache=False)
+    assert calls == []
+    grid.cli_main(["prog", f"--workdir={tmp_path / 'b'}"], str(config_file), run, "m")
+    assert calls == [tmp_path / "b" / ".jax_cache"]
