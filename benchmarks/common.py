@@ -95,6 +95,7 @@ def machine_record(quick: bool, script: str, argv: Sequence[str] | None) -> dict
         "jax": jax.__version__,
         "flax": flax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": steps.default_compiler_options(),
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "quick": quick,
         "command": " ".join(
@@ -174,11 +175,13 @@ def random_batch(batch_size: int, image_size: int = 32, channels: int = 3, *, se
     }
 
 
-def fresh_jit_train_step(donate: bool = True) -> Callable:
+def fresh_jit_train_step(donate: bool = True, xla_defaults: bool = False) -> Callable:
     """The package's full train step (forward, backward, SGD update, BatchNorm statistics),
-    jitted with the state donated (its buffers are reused for the new state). A new function
-    object each call, so nothing is reused from JAX's compilation cache."""
-    return jax.jit(steps.make_train_step(), donate_argnums=(0,) if donate else ())
+    jitted with the state donated (its buffers are reused for the new state) and the package's
+    XLA options (`cnn.train.default_compiler_options()`; `xla_defaults=True`: XLA's own). A new
+    function object each call, so nothing is reused from JAX's compilation cache."""
+    options = None if xla_defaults else steps.default_compiler_options()
+    return jax.jit(steps.make_train_step(), donate_argnums=(0,) if donate else (), compiler_options=options)
 
 
 @functools.lru_cache(maxsize=None)

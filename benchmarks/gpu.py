@@ -3,6 +3,16 @@
 
     python benchmarks/gpu.py --out results/gpu            # on a GPU machine
     python benchmarks/gpu.py --quick --out /tmp/gpu       # CPU smoke run (tiny sizes)
+    python benchmarks/gpu.py --batch-sizes 256 512 --option-sets package latency-hiding autotune-4 \
+        --profile --out results/gpu                       # the MFU investigation (RESULTS.md)
+
+ResNet-50 is measured for every batch size x XLA option set (`OPTION_SETS`: per-compilation
+`compiler_options`, so one process compares them; "package" is what `cnn.train` compiles with).
+Each row also counts, in the optimized HLO, the convolutions, transposes and copies (layout
+changes around cuDNN convolutions show up as transposes/copies). `--profile` traces a few steps of
+the first row with `jax.profiler` and records the ops that take the most time, per trace line.
+The CIFAR epoch is timed after an untimed warm-up epoch (`--no-warmup-epoch` to skip it), so
+one-time costs (autotuning, allocation) stay out of it.
 
 FLOPs of a train step (forward, backward, optimizer) come from XLA's cost analysis of the
 *lowered* (unoptimized) HLO: it counts every convolution on any backend, whereas the cost
@@ -14,18 +24,21 @@ Writes gpu.json and gpu.md.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
+import collections
 import pathlib
 import sys
+import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from cnn import models  # noqa: E402
 from cnn.data import augment  # noqa: E402
@@ -34,6 +47,15 @@ from cnn.train import optim, steps  # noqa: E402
 from cnn.train.state import create_train_state  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+# XLA options to compare, per compilation. "package" = `cnn.train.default_compiler_options()`
+# (None, i.e. XLA's defaults, on GPU). The others are the GPU options worth trying for ResNet-50.
+OPTION_SETS: dict[str, dict[str, Any] | None] = {
+    "package": None,  # resolved at run time
+    "xla-defaults": None,
+    "latency-hiding": {"xla_gpu_enable_latency_hiding_scheduler": True},
+    "autotune-4": {"xla_gpu_autotune_level": 4},
+}
 
 
 def _peak(device: jax.Device, override: float | None) -> float | None:
@@ -67,10 +89,46 @@ def _time_steps(step, state, batches, iterations: int):
     return (time.perf_counter() - started) / iterations, state
 
 
+def option_set(name: str) -> dict[str, Any] | None:
+    """The `compiler_options` of `OPTION_SETS[name]`."""
+    if name not in OPTION_SETS:
+        raise ValueError(f"option set {name!r} is not one of {sorted(OPTION_SETS)}")
+    return steps.default_compiler_options() if name == "package" else OPTION_SETS[name]
+
+
+def hlo_counts(hlo_text: str) -> dict[str, int]:
+    """Instructions of an optimized HLO module that matter for layouts: convolutions (XLA's own
+    and library calls such as cuDNN's), transposes and copies."""
+    counts = collections.Counter()
+    for line in hlo_text.splitlines():
+        if " = " not in line:
+            continue
+        op = line.split(" = ", 1)[1]
+        if " convolution(" in op:
+            counts["convolution"] += 1
+        elif "custom-call(" in op and "conv" in op.split("custom_call_target=", 1)[-1][:40].lower():
+            counts["convolution"] += 1
+        elif " transpose(" in op:
+            counts["transpose"] += 1
+        elif " copy(" in op or "copy-start(" in op:
+            counts["copy"] += 1
+        elif "fusion(" in op:
+            counts["fusion"] += 1
+    return {key: counts[key] for key in ("convolution", "transpose", "copy", "fusion")}
+
+
 def resnet_throughput(
-    name: str, batch_size: int, image_size: int, iterations: int, peak_tflops: float | None
+    name: str,
+    batch_size: int,
+    image_size: int,
+    iterations: int,
+    peak_tflops: float | None,
+    options: str = "package",
+    profile_steps: int = 0,
 ) -> dict:
-    """Images/s and MFU of the full ImageNet-ResNet train step (bf16 compute, f32 params)."""
+    """Images/s and MFU of the full ImageNet-ResNet train step (bf16 compute, f32 params),
+    compiled with `OPTION_SETS[options]`; with `profile_steps`, a `jax.profiler` trace of that
+    many further steps, summarized by `profile_summary`."""
     model = models.create(name, num_classes=1000, dtype=jnp.bfloat16)
     tx, _ = _sgd()
     state = create_train_state(model, tx, rng=0, input_shape=(1, image_size, image_size, 3))
@@ -82,32 +140,82 @@ def resnet_throughput(
         }
         for _ in range(2)
     ]
-    train_step = jax.jit(steps.make_train_step(), donate_argnums=(0,))
+    compiler_options = option_set(options)
+    train_step = jax.jit(steps.make_train_step(), donate_argnums=(0,), compiler_options=compiler_options)
     lowered = train_step.lower(state, batches[0])
     flops = _flops(lowered)
     started = time.perf_counter()
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - started
-    seconds, _ = _time_steps(compiled, state, batches, iterations)
+    seconds, state = _time_steps(compiled, state, batches, iterations)
     result = {
         "model": name,
         "batch_size": batch_size,
         "image_size": image_size,
+        "options": options,
+        "compiler_options": compiler_options,
         "compile_seconds": compile_seconds,
         "seconds_per_step": seconds,
         "images_per_second": batch_size / seconds,
         "flops_per_step": flops,
         "achieved_tflops": flops / seconds / 1e12,
+        "hlo_counts": hlo_counts(compiled.as_text()),
     }
     if peak_tflops:
         result["peak_tflops"] = peak_tflops
         result["mfu"] = result["achieved_tflops"] / peak_tflops
+    if profile_steps:
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                for i in range(profile_steps):
+                    state, metrics = compiled(state, batches[i % len(batches)])
+                jax.block_until_ready((state.params, metrics))
+            result["profile"] = profile_summary(trace_dir, steps=profile_steps)
     return result
 
 
-def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dtype) -> dict:
+# Trace lines that repeat what other lines hold (whole steps or modules, Python frames).
+_PROFILE_SKIPPED_LINES = ("Steps", "XLA Modules", "python", "Framework Name Scope", "Framework Ops", "Source code")
+
+
+def profile_summary(trace_dir: str, *, steps: int, top: int = 12, max_lines: int = 6) -> list[dict]:
+    """The trace's busiest lines (GPU streams or op lines; on a CPU, the XLA threads) and on each
+    the `top` event names by total time, in ms per step. Reads the `.xplane.pb` that
+    `jax.profiler.trace` wrote, with jaxlib's `ProfileData`."""
+    from jaxlib import _profile_data  # the reader jax.profiler ships with
+
+    files = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+    if not files:
+        return []
+    data = _profile_data.ProfileData.from_file(str(files[-1]))
+    lines = []
+    for plane in data.planes:
+        if plane.name.startswith("/host:") and any(p.name.startswith("/device:") for p in data.planes):
+            continue  # on an accelerator, the device planes hold the kernels
+        for line in plane.lines:
+            if any(line.name.startswith(skip) for skip in _PROFILE_SKIPPED_LINES):
+                continue
+            totals = collections.Counter()
+            for event in line.events:
+                totals[event.name] += event.duration_ns
+            if totals:
+                lines.append((sum(totals.values()), plane.name, line.name, totals))
+    lines.sort(key=lambda item: -item[0])
+    return [
+        {
+            "plane": plane,
+            "line": line,
+            "ms_per_step": total / 1e6 / steps,
+            "top": [{"name": name, "ms_per_step": ns / 1e6 / steps} for name, ns in totals.most_common(top)],
+        }
+        for total, plane, line, totals in lines[:max_lines]
+    ]
+
+
+def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dtype, warmup_epoch: bool = True) -> dict:
     """Seconds for one epoch of CIFAR ResNet training, host pipeline and on-device pad-crop-flip
-    augmentation included (CIFAR-shaped random uint8 data: CIFAR-10 is not on these machines)."""
+    augmentation included (CIFAR-shaped random uint8 data: CIFAR-10 is not on these machines),
+    after an untimed warm-up epoch when `warmup_epoch`."""
     rng = np.random.default_rng(0)
     arrays = {
         "image": rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8),
@@ -117,18 +225,27 @@ def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dty
     model = models.create("cifar_resnet", depth=depth, scheme=scheme, num_classes=10, dtype=dtype)
     tx, _ = _sgd()
     state = create_train_state(model, tx, rng=0, input_shape=(1, 32, 32, 3))
-    train_step = jax.jit(
-        steps.make_train_step(augment_fn=steps.make_augment_fn(augment.cifar_standard())), donate_argnums=(0,)
-    )
+    train_step = steps.compile_single(steps.make_train_step(augment_fn=steps.make_augment_fn(augment.cifar_standard())))
+
+    def epoch(state):
+        for _ in range(iterator.steps_per_epoch):
+            state, metrics = train_step(state, jax.device_put(next(iterator)))
+        jax.block_until_ready((state.params, metrics))
+        return state
+
     started = time.perf_counter()
     state, metrics = train_step(state, jax.device_put(next(iterator)))
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - started
-    iterator.set_state({"epoch": 1, "step": 0, "seed": 0})
+    warmup_seconds = None
+    if warmup_epoch:
+        iterator.set_state({"epoch": 1, "step": 0, "seed": 0})
+        started = time.perf_counter()
+        state = epoch(state)
+        warmup_seconds = time.perf_counter() - started
+    iterator.set_state({"epoch": 2, "step": 0, "seed": 0})
     started = time.perf_counter()
-    for _ in range(iterator.steps_per_epoch):
-        state, metrics = train_step(state, jax.device_put(next(iterator)))
-    jax.block_until_ready((state.params, metrics))
+    state = epoch(state)
     seconds = time.perf_counter() - started
     return {
         "scheme": scheme,
@@ -137,64 +254,89 @@ def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dty
         "batch_size": batch_size,
         "steps": iterator.steps_per_epoch,
         "compile_seconds": compile_seconds,
+        "warmup_epoch_seconds": warmup_seconds,
         "epoch_seconds": seconds,
         "images_per_second": iterator.steps_per_epoch * batch_size / seconds,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = common.parser(__doc__, "runs/bench")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's peak dense bf16 TFLOP/s")
+    parser.add_argument("--batch-sizes", type=common.positive_int, nargs="+", default=None,
+                        help="ResNet-50 batch sizes (default 256; quick: 2)")
+    parser.add_argument("--option-sets", nargs="+", default=["package"], choices=sorted(OPTION_SETS),
+                        help="XLA option sets to compare on ResNet-50 (default: package)")
+    parser.add_argument("--iterations", type=common.positive_int, default=None, help="timed ResNet steps (default 20; quick 2)")
+    parser.add_argument("--profile", action="store_true", help="trace the first ResNet row and record its top ops")
+    parser.add_argument("--no-warmup-epoch", action="store_true", help="time the first CIFAR epoch (no untimed warm-up epoch)")
+    parser.add_argument("--skip-cifar", action="store_true", help="ResNet-50 only")
+    args = parser.parse_args(argv)
     device = jax.devices()[0]
-    record = {
-        "device": getattr(device, "device_kind", device.platform),
-        "platform": device.platform,
-        "jax": jax.__version__,
-        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "quick": args.quick,
-    }
+    record = common.machine_record(args.quick, "gpu.py", argv)
     if args.quick:  # CPU smoke run: a small ResNet, tiny batches
-        resnet_args, cifar_args = ("resnet18", 2, 32, 2), (8, 256, 64, jnp.float32)
+        model, batch_sizes, image_size, iterations = "resnet18", args.batch_sizes or [2], 32, args.iterations or 2
+        cifar_args = (8, 256, 64, jnp.float32)
     else:
-        resnet_args, cifar_args = ("resnet50", 256, 224, 20), (20, 50_000, 128, jnp.bfloat16)
+        model, batch_sizes, image_size, iterations = "resnet50", args.batch_sizes or [256], 224, args.iterations or 20
+        cifar_args = (20, 50_000, 128, jnp.bfloat16)
+    peak = _peak(device, args.peak_tflops)
+    record.update(peak_tflops=peak, resnet_rows=[], cifar_resnet=[])
     # Written after every measurement, so a run cut short keeps what it measured.
-    record["resnet"] = resnet_throughput(*resnet_args, _peak(device, args.peak_tflops))
-    write(args.out, record)
-    record["cifar_resnet"] = []
-    for scheme in ("euler", "lm"):
-        record["cifar_resnet"].append(cifar_epoch(scheme, *cifar_args))
-        write(args.out, record)
+    for batch_size in batch_sizes:
+        for options in args.option_sets:
+            profile_steps = 3 if args.profile and not record["resnet_rows"] else 0
+            row = resnet_throughput(model, batch_size, image_size, iterations, peak, options, profile_steps)
+            record["resnet_rows"].append(row)
+            print(f"{model} batch {batch_size} [{options}]: {row['images_per_second']:.0f} images/s, "
+                  f"{row['achieved_tflops']:.1f} TFLOP/s" + (f", MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""),
+                  flush=True)
+            write(args.out, record)
+    if not args.skip_cifar:
+        for scheme in ("euler", "lm"):
+            record["cifar_resnet"].append(cifar_epoch(scheme, *cifar_args, warmup_epoch=not args.no_warmup_epoch))
+            write(args.out, record)
     print((args.out / "gpu.md").read_text())
+    return record
 
 
-def write(out: pathlib.Path, record: dict) -> None:
-    """gpu.json (everything) and gpu.md (a table) from what has been measured so far."""
-    (out / "gpu.json").write_text(json.dumps(record, indent=2) + "\n")
-    r = record["resnet"]
-    lines = [
-        f"# GPU benchmarks: {record['device']}, JAX {record['jax']}, {record['date']}",
-        "",
-        "| measurement | value |",
-        "|---|---|",
-        f"| {r['model']} train step, bf16, batch {r['batch_size']} at {r['image_size']}x{r['image_size']} | "
-        f"{r['images_per_second']:.0f} images/s ({1000 * r['seconds_per_step']:.1f} ms/step) |",
-        f"| {r['model']} FLOPs per step (XLA cost analysis) | {r['flops_per_step'] / 1e12:.3f} TFLOP |",
-        f"| {r['model']} achieved | {r['achieved_tflops']:.1f} TFLOP/s"
-        + (f", MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if "mfu" in r else "")
-        + " |",
-        f"| {r['model']} compile | {r['compile_seconds']:.1f} s |",
-    ]
-    for c in record.get("cifar_resnet", []):
-        lines.append(
-            f"| CIFAR ResNet-{c['depth']} ({c['scheme']}), one epoch of {c['examples']:,} images, batch "
-            f"{c['batch_size']}, pipeline + pad-crop-flip included | {c['epoch_seconds']:.2f} s "
-            f"({c['images_per_second']:.0f} images/s; compile {c['compile_seconds']:.1f} s) |"
-        )
-    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+def markdown(record: Mapping[str, Any]) -> str:
+    """gpu.md: the ResNet rows, the profile's busiest lines, the CIFAR epochs."""
+    rows = record["resnet_rows"]
+    text = [f"# GPU benchmarks: {record['device']}", "", common.machine_line(record), ""]
+    if rows:
+        text.append(common.markdown_table(
+            ["model", "batch", "XLA options", "ms/step", "images/s", "TFLOP/step", "TFLOP/s", "MFU",
+             "compile s", "convolutions / transposes / copies in optimized HLO"],
+            [[r["model"], r["batch_size"], r["options"], f"{1000 * r['seconds_per_step']:.1f}",
+              f"{r['images_per_second']:.0f}", f"{r['flops_per_step'] / 1e12:.3f}", f"{r['achieved_tflops']:.1f}",
+              f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (unknown peak)", f"{r['compile_seconds']:.1f}",
+              "{convolution} / {transpose} / {copy}".format(**r["hlo_counts"])] for r in rows],
+        ))
+        text += ["", f"{rows[0]['model']}: bf16 compute, float32 parameters, {rows[0]['image_size']}x"
+                 f"{rows[0]['image_size']} images; FLOPs from the lowered HLO's cost analysis; MFU against "
+                 + (f"{record['peak_tflops']:.0f} TFLOP/s." if record.get("peak_tflops") else "no known peak.")]
+        for r in rows:
+            for line in r.get("profile", []):
+                text += ["", f"Profile of {r['model']} batch {r['batch_size']} [{r['options']}], {line['plane']} / "
+                         f"{line['line']}: {line['ms_per_step']:.2f} ms per step", ""]
+                text.append(common.markdown_table(
+                    ["op", "ms / step"], [[item["name"][:80], f"{item['ms_per_step']:.3f}"] for item in line["top"]]
+                ))
+    if record["cifar_resnet"]:
+        text += ["", common.markdown_table(
+            ["network", "scheme", "examples", "batch", "epoch s", "images/s", "warm-up epoch s", "first step (compile) s"],
+            [[f"CIFAR ResNet-{c['depth']}", c["scheme"], f"{c['examples']:,}", c["batch_size"], f"{c['epoch_seconds']:.2f}",
+              f"{c['images_per_second']:.0f}",
+              "not run" if c["warmup_epoch_seconds"] is None else f"{c['warmup_epoch_seconds']:.2f}",
+              f"{c['compile_seconds']:.1f}"] for c in record["cifar_resnet"]],
+        ), "", "CIFAR-shaped random uint8 data, host BatchIterator + device_put + on-device pad-crop-flip included."]
+    return "\n".join(text) + "\n"
+
+
+def write(out: pathlib.Path, record: Mapping[str, Any]) -> None:
+    """gpu.json (everything) and gpu.md (the tables) from what has been measured so far."""
+    common.write(out, "gpu", record, markdown(record))
 
 
 if __name__ == "__main__":

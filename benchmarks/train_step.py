@@ -7,15 +7,18 @@
 
 One train step = forward, cross-entropy, backward, SGD update (momentum 0.9, weight decay 1e-4
 on kernels) and the BatchNorm running statistics, float32, on a fixed random CIFAR-shaped batch.
-JAX runs `cnn.train.steps.make_train_step` jitted (state donated), in three variants:
+JAX runs `cnn.train.steps.make_train_step` jitted (state donated), in four variants:
 
 - `scan`: the package's default model (`scan=True`: identical blocks under `nn.scan`; its
   convolutions are `cnn.ops.conv_general_dilated`, whose backward pass is written in the layout
-  XLA's CPU backend runs fast);
+  XLA's CPU backend runs fast), compiled with the package's XLA options
+  (`cnn.train.default_compiler_options()`: on CPU, convolutions in Eigen rather than YNNPACK);
 - `unrolled`: `scan=False` (every block its own module; same function, same numbers);
-- `scan+lax-grad`: `scan=True` traced with `common.lax_conv_gradients()`, i.e. JAX's own
-  convolution gradients (the package's behaviour before `cnn.ops.conv_general_dilated`; inside
-  the scan's while loop XLA CPU leaves them in a slow generic form, see RESULTS.md).
+- `scan+xla-defaults`: `scan` compiled with XLA's default options (what the options buy);
+- `scan+lax-grad`: `scan=True` traced with `common.lax_conv_gradients()` and XLA's default
+  options, i.e. JAX's own convolution gradients (the package's behaviour before
+  `cnn.ops.conv_general_dilated`; inside the scan's while loop XLA CPU leaves them in a slow
+  generic form, see RESULTS.md).
 
 PyTorch runs `benchmarks/torch_cifar_resnet.py` (the same network: option-A shortcuts, same
 BatchNorm settings, the same LM-ResNet stepping) in eager mode, NCHW, with
@@ -52,7 +55,7 @@ from cnn import models  # noqa: E402
 from cnn.ode import unstack_scanned  # noqa: E402
 
 TARGET_RATIO = 1.2
-VARIANTS = ("scan", "unrolled", "scan+lax-grad")
+VARIANTS = ("scan", "unrolled", "scan+xla-defaults", "scan+lax-grad")
 
 
 def _torch_or_reason():
@@ -108,7 +111,9 @@ def measure(depth: int, scheme: str, batch_size: int, repeats: int, steps_per_tu
         state = _variant_state(jax.tree_util.tree_map(jax.numpy.asarray, initial), depth, scheme, variant)
         if variant == "scan+lax-grad":  # a fresh jit: the swapped convolution is invisible to jit's cache
             with common.lax_conv_gradients():
-                lowered = common.fresh_jit_train_step().lower(state, device_batch)
+                lowered = common.fresh_jit_train_step(xla_defaults=True).lower(state, device_batch)
+        elif variant == "scan+xla-defaults":
+            lowered = common.fresh_jit_train_step(xla_defaults=True).lower(state, device_batch)
         else:
             lowered = common.jit_train_step().lower(state, device_batch)
         (compiled, compile_seconds) = common.timed(lowered.compile)

@@ -297,7 +297,9 @@ def conv_general_dilated(
     rules. Why: XLA CPU rewrites convolutions into its fast NHWC form only in the entry
     computation, so the gradient convolutions JAX emits inside an `nn.scan` loop body fall back
     to a generic loop, 10-40x slower (benchmarks/RESULTS.md). Every other case, and every other
-    backend (GPU/TPU compile both forms well), is plain `lax.conv_general_dilated`.
+    backend (GPU/TPU compile both forms well), is plain `lax.conv_general_dilated`. The kernel
+    gradient is fastest on CPU when compiled with `cnn.train.CPU_COMPILER_OPTIONS` (Eigen instead
+    of YNNPACK), which `cnn.train`'s compile functions use by default.
 
     Args: as `jax.lax.conv_general_dilated`; `lhs` `[batch, height, width, in_channels]`,
     `rhs` `[kernel_h, kernel_w, in_channels, out_channels]` in the fast case.

@@ -30,16 +30,19 @@ from cnn.train.optim import make_optimizer, make_schedule, param_group_labels, w
 from cnn.train.parallel import DataParallel, is_primary, make_mesh, maybe_initialize_distributed
 from cnn.train.state import TrainState, create_train_state
 from cnn.train.steps import (
+    CPU_COMPILER_OPTIONS,
     compile_pmap,
     compile_sharded,
     compile_single,
     cross_entropy_loss,
+    default_compiler_options,
     make_augment_fn,
     make_eval_step,
     make_train_step,
 )
 
 __all__ = [
+    "CPU_COMPILER_OPTIONS",
     "Checkpointer",
     "DataParallel",
     "FitResult",
@@ -50,6 +53,7 @@ __all__ = [
     "compile_single",
     "create_train_state",
     "cross_entropy_loss",
+    "default_compiler_options",
     "default_config",
     "evaluate",
     "fit",

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -210,9 +211,64 @@ def _donate() -> tuple[int, ...]:
     return (0,) if jax.default_backend() != "cpu" else ()
 
 
-def compile_single(step_fn: Callable, *, donate_state: bool = True) -> Callable:
-    """`jax.jit(step_fn)` for one device (state donated on accelerators)."""
-    return jax.jit(step_fn, donate_argnums=_donate() if donate_state else ())
+# XLA CPU options for every compiled step (benchmarks/RESULTS.md, "XLA CPU options"). In this
+# JAX, XLA CPU hands some convolutions and the elementwise fusions to YNNPACK by default, among
+# them every kernel-gradient convolution (a whole-image window with the batch as features), which
+# YNNPACK runs 2.5-3x slower than XLA's Eigen convolution on 2 cores. Keeping YNNPACK for dots and reductions only makes the
+# CIFAR ResNet train step 1.2x (one core) to 1.5x (two cores) faster, with the same numbers.
+CPU_COMPILER_OPTIONS: Mapping[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_options_accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    # Option names and enum values come and go between XLA versions: probe once per process.
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+    except (jax.errors.JaxRuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def default_compiler_options(backend: str | None = None) -> dict[str, str] | None:
+    """The XLA options `compile_single`/`compile_sharded` use by default, or None for XLA's own.
+
+    `CPU_COMPILER_OPTIONS` on the CPU backend when the installed jaxlib accepts them; None on
+    GPU/TPU, when the jaxlib rejects them, or when `XLA_FLAGS` already sets one of them (the
+    user's flag wins).
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if any(f"--{name}" in flags for name in CPU_COMPILER_OPTIONS):
+        return None
+    if not _compiler_options_accepted(tuple(sorted(CPU_COMPILER_OPTIONS.items()))):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+CompilerOptions = Mapping[str, str] | None | str
+
+
+def _resolve_options(compiler_options: CompilerOptions) -> dict[str, Any]:
+    """`jax.jit` keyword arguments for `compiler_options` ("auto", None or a mapping)."""
+    if isinstance(compiler_options, str):
+        if compiler_options != "auto":
+            raise ValueError(f'compiler_options must be "auto", None or a mapping, got {compiler_options!r}')
+        compiler_options = default_compiler_options()
+    return {"compiler_options": dict(compiler_options)} if compiler_options else {}
+
+
+def compile_single(
+    step_fn: Callable, *, donate_state: bool = True, compiler_options: CompilerOptions = "auto"
+) -> Callable:
+    """`jax.jit(step_fn)` for one device (state donated on accelerators).
+
+    `compiler_options`: XLA options for this compilation; "auto" is `default_compiler_options()`
+    (faster convolution gradients on CPU), None XLA's defaults.
+    """
+    return jax.jit(step_fn, donate_argnums=_donate() if donate_state else (), **_resolve_options(compiler_options))
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
@@ -226,7 +282,9 @@ def _shard_map(fn, mesh, in_specs, out_specs):
     return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def pmap_via_shard_map(step_fn: Callable, *, axis_name: str, devices: Any = None) -> Callable:
+def pmap_via_shard_map(
+    step_fn: Callable, *, axis_name: str, devices: Any = None, compiler_options: CompilerOptions = "auto"
+) -> Callable:
     """A `jax.pmap(step_fn, axis_name)` look-alike built on `shard_map` + `jit`.
 
     Same calling convention as pmap (every argument carries a leading device axis; collectives
@@ -246,7 +304,7 @@ def pmap_via_shard_map(step_fn: Callable, *, axis_name: str, devices: Any = None
         mapped = _shard_map(per_device, mesh, in_specs=(spec,) * len(args), out_specs=spec)
         return mapped(*args)
 
-    return jax.jit(wrapper)
+    return jax.jit(wrapper, **_resolve_options(compiler_options))
 
 
 def compile_pmap(
@@ -257,7 +315,8 @@ def compile_pmap(
     `step_fn` must be built with the same `axis_name` (e.g. `make_train_step(axis_name="batch")`).
     Uses `jax.pmap` when the installed JAX has it (jax 0.10/0.11 implement it on `jit` +
     `shard_map` themselves); `use_shard_map=True` (or a JAX without `pmap`) uses
-    `pmap_via_shard_map`, which keeps the same API.
+    `pmap_via_shard_map`, which keeps the same API (and, unlike `jax.pmap`, takes
+    `default_compiler_options()`).
     """
     if use_shard_map is None:
         use_shard_map = not hasattr(jax, "pmap")
@@ -267,7 +326,12 @@ def compile_pmap(
 
 
 def compile_sharded(
-    step_fn: Callable, mesh: Mesh, *, data_axis: str = "data", returns_state: bool = True
+    step_fn: Callable,
+    mesh: Mesh,
+    *,
+    data_axis: str = "data",
+    returns_state: bool = True,
+    compiler_options: CompilerOptions = "auto",
 ) -> Callable:
     """`jax.jit` with the state replicated and the batch sharded over `mesh` axis `data_axis`.
 
@@ -275,6 +339,7 @@ def compile_sharded(
       step_fn: `train_step` (returns `(state, metrics)`) or `eval_step` (returns metrics; pass
         `returns_state=False`), written for the global batch (no axis name).
       mesh: the device mesh (`cnn.train.parallel.make_mesh`).
+      compiler_options: as in `compile_single`.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(data_axis))
@@ -284,14 +349,17 @@ def compile_sharded(
         in_shardings=(replicated, batch_sharding),
         out_shardings=out_shardings,
         donate_argnums=_donate() if returns_state else (),
+        **_resolve_options(compiler_options),
     )
 
 
 __all__ = [
+    "CPU_COMPILER_OPTIONS",
     "compile_pmap",
     "compile_sharded",
     "compile_single",
     "cross_entropy_loss",
+    "default_compiler_options",
     "make_augment_fn",
     "make_eval_step",
     "make_train_step",

@@ -135,3 +135,46 @@ def test_memory_quick(bench_out):
     for row in rows.values():
         assert positive_seconds(row["seconds_per_step"])
     assert len(table_rows(markdown)) == 2
+
+
+# ------------------------------------------------------------------------------------------- gpu
+
+
+def test_gpu_quick_runs_on_cpu(bench_out):
+    import jax
+    import jax.numpy as jnp
+
+    from cnn import models
+
+    record, markdown = run_quick("gpu", bench_out, "--option-sets", "package", "xla-defaults", "--profile")
+    rows = record["resnet_rows"]
+    assert [(r["model"], r["batch_size"], r["options"]) for r in rows] == [
+        ("resnet18", 2, "package"), ("resnet18", 2, "xla-defaults")
+    ]
+    # The train step (forward, backward = 2 forwards, plus BatchNorm statistics and the update,
+    # relatively large at 32x32 and batch 2) costs 3-4 forward passes: FLOPs are counted.
+    model = models.create("resnet18", num_classes=1000, dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).cost_analysis()
+    forward = forward[0] if isinstance(forward, (list, tuple)) else forward
+    for row in rows:
+        assert 2.9 < row["flops_per_step"] / forward["flops"] < 4.0, row["flops_per_step"] / forward["flops"]
+        assert row["images_per_second"] == pytest.approx(2 / row["seconds_per_step"])
+        assert row["achieved_tflops"] == pytest.approx(row["flops_per_step"] / row["seconds_per_step"] / 1e12)
+        # ResNet-18's 20 convolutions, each with its forward and its gradients (the stem's input
+        # gradient is dead code): at least two per layer survive in the optimized program.
+        assert row["hlo_counts"]["convolution"] >= 40, row["hlo_counts"]
+    assert rows[1]["compiler_options"] is None
+    assert rows[0]["compiler_options"] == record["compiler_options"]
+    profile = rows[0]["profile"]
+    assert profile and all(line["ms_per_step"] > 0 and line["top"] for line in profile)
+    assert "profile" not in rows[1]
+    epochs = record["cifar_resnet"]
+    assert [(c["scheme"], c["depth"], c["steps"]) for c in epochs] == [("euler", 8, 4), ("lm", 8, 4)]
+    for c in epochs:
+        assert positive_seconds(c["epoch_seconds"]) and positive_seconds(c["warmup_epoch_seconds"])
+        assert c["images_per_second"] == pytest.approx(4 * 64 / c["epoch_seconds"])
+    tables = [block for block in markdown.split("\n\n") if block.startswith("|")]
+    assert [len(table_rows(table)) for table in (tables[0], tables[-1])] == [2, 2]
+    assert "Profile of resnet18" in markdown and "CIFAR ResNet-8" in tables[-1]
