@@ -38,13 +38,14 @@ def pool_output_size(size: int, window: int, stride: int, padding: int = 0, ceil
     """
     if not ceil_mode:
         return conv_output_size(size, window, stride, padding)
-    span = size + 2 * padding - window
-    if size < 1 or span < 0:
+    if size < 1:
         return 0
-    out = -(-span // stride) + 1
+    # torch: ceil((n + 2p - f) / s) + 1, which keeps one window even when the padded input is
+    # shorter than the window, as long as the window starts inside it.
+    out = -(-(size + 2 * padding - window) // stride) + 1
     if (out - 1) * stride >= size + padding:
         out -= 1
-    return out
+    return max(out, 0)
 
 
 def minimum_input_size(sizes_of: Callable[[int], Sequence[int]], limit: int = 4096) -> int:

@@ -34,10 +34,11 @@ def numpy_max_pool_1d_torch(x: np.ndarray, window: int, stride: int, padding: in
 
 POOL_CASES = [
     (n, window, stride, padding, ceil_mode)
-    for n in (5, 6, 7, 11, 14, 56, 112)
-    for window, stride, padding in ((2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (10, 5, 0))
+    for n in (1, 2, 3, 5, 6, 7, 11, 14, 56, 112)
+    for window, stride, padding in ((2, 2, 0), (3, 2, 0), (3, 2, 1), (3, 1, 1), (4, 3, 0), (10, 5, 0))
     for ceil_mode in (False, True)
-    if n + 2 * padding >= window
+    # floor mode needs the window to fit; ceil mode keeps a window that starts inside the input
+    if n + 2 * padding >= window or (ceil_mode and n + 2 * padding + stride - 1 >= window)
 ]
 
 
@@ -55,6 +56,11 @@ def test_max_pool_matches_torch_definition(n, window, stride, padding, ceil_mode
 
 
 def test_pool_output_size_hand_examples():
+    # A window larger than the input: torch's ceil mode still keeps the one window that starts
+    # inside it (MaxPool2d(2, 2, ceil_mode=True) maps 1x1 to 1x1); floor mode keeps none.
+    assert layers.pool_output_size(1, 2, 2, ceil_mode=True) == 1
+    assert layers.pool_output_size(1, 2, 2) == 0
+    assert layers.pool_output_size(1, 4, 2, ceil_mode=True) == 0  # ceil(-3/2) + 1 = 0: none
     # GoogLeNet: 112 -> 56 in ceil mode (floor would give 55); 14 -> 7 with 2x2.
     assert layers.pool_output_size(112, 3, 2, ceil_mode=True) == 56
     assert layers.pool_output_size(112, 3, 2) == 55
