@@ -144,17 +144,7 @@ def _device() -> str:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from experiments import grid
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(pathlib.Path(__file__).with_name("configs") / "detection.py"), "detection config file"
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", "runs/detection", "run directory")
-
-    def _run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.field=value")
-        main(_CONFIG.value, _WORKDIR.value, command="python -m experiments.detection " + " ".join(sys.argv[1:]))
-
-    app.run(_run)
+    grid.cli_main(sys.argv, "experiments/configs/detection.py", main, "experiments.detection",
+                  compilation_cache=False, default_workdir="runs/detection")

@@ -334,25 +334,37 @@ def use_compilation_cache(directory: str | os.PathLike, min_compile_seconds: flo
 def cli_main(
     argv: Sequence[str],
     default_config_path: str,
-    run: Callable[..., pathlib.Path],
+    run: Callable[..., Any],
     module: str,
     *,
     compilation_cache: bool = True,
+    default_workdir: str | None = None,
 ) -> None:
-    """The command line of an experiment script: parse `--config` / `--workdir`, turn on the
-    compilation cache in `<workdir>/.jax_cache` (with `compilation_cache`: the seeds of a grid
-    after the first reuse the programs), run `run(config, workdir, command=...)` and print the
-    report it returns the path of."""
-    config, workdir = parse_cli_config(argv, default_config_path)
+    """The command line of an experiment script: parse `--config` / `--workdir` (default
+    `default_workdir`, else `runs/<config.name>`), turn on the compilation cache in
+    `<workdir>/.jax_cache` (with `compilation_cache`: the seeds of a grid after the first reuse
+    the programs), run `run(config, workdir, command=...)` and, when it returns the path of a
+    report, print the report. absl/Orbax logging is kept to warnings."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
+    config, workdir = parse_cli_config(argv, default_config_path, default_workdir)
     if compilation_cache:
         use_compilation_cache(workdir / ".jax_cache")
-    report = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
-    print(report.read_text())
-    print(f"wrote {report}")
+    result = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
+    if isinstance(result, pathlib.Path):
+        print(result.read_text())
+        print(f"wrote {result}")
 
 
-def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
-    """`--config=path.py [--config.key=value ...] --workdir=dir` via ml_collections' config flags."""
+def parse_cli_config(
+    argv: Sequence[str], default_config_path: str, default_workdir: str | None = None
+) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
+    """`--config=path.py [--config.key=value ...] --workdir=dir` via ml_collections' config flags.
+
+    Raises:
+      SystemExit: with a usage message, for arguments that are not flags.
+    """
     from absl import flags
     from ml_collections import config_flags
 
@@ -362,10 +374,12 @@ def parse_cli_config(argv: Sequence[str], default_config_path: str) -> tuple[ml_
     try:
         config_flags.DEFINE_config_file("config", default_config_path, "experiment config file", flag_values=flag_values)
         flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
-        flag_values(list(argv))
+        positional = flag_values(list(argv))[1:]
     finally:
         sys.argv = saved_argv
+    if positional:
+        raise SystemExit(f"unexpected arguments {positional}; overrides look like --config.field=value")
     config = flag_values.config
-    workdir = flag_values.workdir or str(pathlib.Path("runs") / config.get("name", "run"))
+    workdir = flag_values.workdir or default_workdir or str(pathlib.Path("runs") / config.get("name", "run"))
     return config, pathlib.Path(workdir)
 

@@ -134,7 +134,7 @@ def plot_learning_curves(histories: dict[str, list[dict[str, Any]]], path: pathl
     plt.close(figure)
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, command: str = "") -> list[dict[str, Any]]:
     """Trains and evaluates every model of `config.model_names`; writes the run directory.
 
     Returns:
@@ -201,7 +201,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list
     plot_predictions(figure_images, figure_masks, predictions, workdir / "predictions.png", tuple(config.class_names))
     plot_learning_curves(histories, workdir / "learning_curves.png")
 
-    command = "python -m experiments.segmentation " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""
     lines = [
         "# Semantic segmentation on synthetic shapes",
         "",
@@ -236,17 +235,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from experiments import grid
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(pathlib.Path(__file__).with_name("configs") / "segmentation.py"), "segmentation config file"
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", "runs/segmentation", "run directory")
-
-    def _run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.field=value")
-        main(_CONFIG.value, _WORKDIR.value)
-
-    app.run(_run)
+    grid.cli_main(sys.argv, "experiments/configs/segmentation.py", main, "experiments.segmentation",
+                  compilation_cache=False, default_workdir="runs/segmentation")

@@ -66,7 +66,7 @@ def load_image(name_or_path: str, size: int) -> np.ndarray:
     return st.resize_image(image, size)
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, command: str = "") -> dict[str, Any]:
     """Runs style transfer for every optimizer of `config`; returns the results (also written)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +133,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
             f"| {optimizer} | {first['content']:.4g} -> {last['content']:.4g} | {first['style']:.4g} -> {last['style']:.4g} "
             f"| {first['total']:.4g} -> {last['total']:.4g} | {run['seconds']:.1f} |"
         )
-    command = "python -m experiments.style_transfer " + " ".join(sys.argv[1:])
-    lines += ["", f"Command: `{command.strip()}`"]
+    if command:
+        lines += ["", f"Command: `{command}`"]
     (workdir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if extractor.warning:
@@ -161,20 +161,7 @@ def plot_panel(
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from experiments import grid
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(pathlib.Path(__file__).with_name("configs") / "style_transfer.py"), "style transfer config file"
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", "runs/style_transfer", "run directory")
-
-    def _run(argv):
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.field=value")
-        main(_CONFIG.value, _WORKDIR.value)
-
-    app.run(_run)
+    grid.cli_main(sys.argv, "experiments/configs/style_transfer.py", main, "experiments.style_transfer",
+                  compilation_cache=False, default_workdir="runs/style_transfer")

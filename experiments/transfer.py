@@ -124,7 +124,7 @@ def pretrained_variables(config: ml_collections.ConfigDict, workdir: pathlib.Pat
     }
 
 
-def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, command: str = "") -> dict[str, Any]:
     """Runs the experiment; returns the results (also written to `workdir`)."""
     from cnn import data as data_lib
 
@@ -198,8 +198,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = results_table(results)
-    command = "python -m experiments.transfer " + " ".join(sys.argv[1:])
-    (workdir / "results.md").write_text(table + f"\nCommand: `{command.strip()}`\n")
+    (workdir / "results.md").write_text(table + (f"\nCommand: `{command}`\n" if command else ""))
     plot_results(results, workdir / "transfer.png")
     print(table)
     print(f"wrote {workdir / 'results.md'}, {workdir / 'results.json'}, {workdir / 'transfer.png'}")
@@ -268,20 +267,7 @@ def plot_results(results: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from experiments import grid
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(pathlib.Path(__file__).with_name("configs") / "transfer.py"), "transfer config file"
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", "runs/transfer", "run directory")
-
-    def _run(argv):
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.field=value")
-        main(_CONFIG.value, _WORKDIR.value)
-
-    app.run(_run)
+    grid.cli_main(sys.argv, "experiments/configs/transfer.py", main, "experiments.transfer",
+                  compilation_cache=False, default_workdir="runs/transfer")

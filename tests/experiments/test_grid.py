@@ -70,3 +70,45 @@ def test_cli_main_without_compilation_cache_leaves_the_setting_alone(tmp_path, m
     assert calls == []
     grid.cli_main(["prog", f"--workdir={tmp_path / 'b'}"], str(config_file), run, "m")
     assert calls == [tmp_path / "b" / ".jax_cache"]
+
+
+def test_cli_main_default_workdir_results_that_are_not_reports_and_stray_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config_file = tmp_path / "probe_config.py"
+    config_file.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'name': 'p'})\n")
+    seen = []
+
+    def main(config, workdir, *, command=""):  # the experiments' main: returns numbers, not a path
+        seen.append((workdir, command))
+        return {"accuracy": 1.0}
+
+    grid.cli_main(["prog"], str(config_file), main, "experiments.x", compilation_cache=False, default_workdir="runs/x")
+    assert seen == [(grid.pathlib.Path("runs/x"), "python -m experiments.x")]
+    assert "wrote" not in capsys.readouterr().out
+    grid.cli_main(["prog"], str(config_file), main, "experiments.x", compilation_cache=False)
+    assert seen[-1][0] == grid.pathlib.Path("runs/p")  # runs/<config.name>
+    try:
+        grid.cli_main(["prog", "stray"], str(config_file), main, "experiments.x", compilation_cache=False)
+    except SystemExit as error:
+        assert "unexpected arguments ['stray']" in str(error)
+    else:
+        raise AssertionError("a stray argument was accepted")
+    assert len(seen) == 2
+
+
+def test_experiment_scripts_run_from_the_command_line(tmp_path):
+    """`python -m experiments.detection` parses its flags and writes its report with the command."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    workdir = tmp_path / "det"
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.detection", f"--workdir={workdir}", "--config.num_train_steps=2",
+         "--config.image_size=32", "--config.data.num_train=16", "--config.data.num_test=8", "--config.batch_size=8",
+         "--config.eval_batch_size=8", "--config.eval_every_steps=0", "--config.progress=False",
+         "--config.num_figure_images=1", "--config.optimizer.warmup_steps=1"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = (workdir / "results.md").read_text()
+    assert "Command: `python -m experiments.detection --workdir=" in report and "--config.num_train_steps=2" in report
