@@ -158,7 +158,7 @@ class InceptionAux(nn.Module):
 
 @register("googlenet", "inception_v1")
 class GoogLeNet(nn.Module):
-    """GoogLeNet: `[batch, h, w, 3] -> [batch, num_classes]` (224 canonical, any h, w >= 31).
+    """GoogLeNet: `[batch, h, w, 3] -> [batch, num_classes]` (224 canonical, any h, w >= 15).
 
     Attributes:
       num_classes: output classes.
