@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared run for a lent GPU machine: the measurements that benchmarks/RESULTS.md ("What the
-# next GPU session should measure") lists, in one command of about 5-8 minutes, each step under its
-# own time limit. Records (JSON + Markdown) and one log go to $OUT (default runs/gpu_session).
+# next GPU session should measure") lists, in one command whose step limits add up to 9 minutes
+# (not yet run on a GPU: an estimate from the earlier GPU timings is 5-8 minutes). Records (JSON +
+# Markdown) and one log go to $OUT (default runs/gpu_session).
 #
 #   here, once (the GPU image lacks ml_collections and nothing can be fetched there; .whl/ is ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
