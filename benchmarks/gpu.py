@@ -43,7 +43,7 @@ import common  # noqa: E402
 from cnn import models  # noqa: E402
 from cnn.data import augment  # noqa: E402
 from cnn.data.iterator import BatchIterator  # noqa: E402
-from cnn.train import optim, steps  # noqa: E402
+from cnn.train import steps  # noqa: E402
 from cnn.train.state import create_train_state  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -63,11 +63,6 @@ def _peak(device: jax.Device, override: float | None) -> float | None:
         return override
     kind = getattr(device, "device_kind", "")
     return next((value for name, value in PEAK_BF16_TFLOPS.items() if name in kind), None)
-
-
-def _sgd():
-    config = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "constant"}
-    return optim.make_optimizer(config, steps_per_epoch=1, total_steps=1)
 
 
 def _flops(lowered) -> float:
@@ -130,7 +125,7 @@ def resnet_throughput(
     compiled with `OPTION_SETS[options]`; with `profile_steps`, a `jax.profiler` trace of that
     many further steps, summarized by `profile_summary`."""
     model = models.create(name, num_classes=1000, dtype=jnp.bfloat16)
-    tx, _ = _sgd()
+    tx = common.sgd()
     state = create_train_state(model, tx, rng=0, input_shape=(1, image_size, image_size, 3))
     rng = np.random.default_rng(0)
     batches = [
@@ -223,7 +218,7 @@ def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dty
     }
     iterator = BatchIterator(arrays, batch_size, shuffle=True, seed=0)
     model = models.create("cifar_resnet", depth=depth, scheme=scheme, num_classes=10, dtype=dtype)
-    tx, _ = _sgd()
+    tx = common.sgd()
     state = create_train_state(model, tx, rng=0, input_shape=(1, 32, 32, 3))
     train_step = steps.compile_single(steps.make_train_step(augment_fn=steps.make_augment_fn(augment.cifar_standard())))
 
