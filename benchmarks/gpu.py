@@ -10,7 +10,8 @@ ResNet-50 is measured for every batch size x XLA option set (`OPTION_SETS`: per-
 `compiler_options`, so one process compares them; "package" is what `cnn.train` compiles with).
 Each row also counts, in the optimized HLO, the convolutions, transposes and copies (layout
 changes around cuDNN convolutions show up as transposes/copies). `--profile` traces a few steps of
-the first row with `jax.profiler` and records the ops that take the most time, per trace line.
+the first row with `jax.profiler` and records the ops that take the most time, per trace line,
+and the line's time by kind of work (`kernel_category`: convolutions, reductions, elementwise...).
 The CIFAR epoch is timed after an untimed warm-up epoch (`--no-warmup-epoch` to skip it), so
 one-time costs (autotuning, allocation) stay out of it.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -65,12 +67,28 @@ def _peak(device: jax.Device, override: float | None) -> float | None:
     return next((value for name, value in PEAK_BF16_TFLOPS.items() if name in kind), None)
 
 
-def _flops(lowered) -> float:
-    """FLOPs of a lowered computation (unoptimized HLO: convolutions are still counted)."""
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
+def _flops(jitted, *args) -> float:
+    """FLOPs of `jitted(*args)` from the cost analysis of its lowered (unoptimized) HLO, where
+    convolutions are still counted. A backend without that analysis (the GPU plugin: JAX 0.11
+    gives None there) gets the same program lowered for the CPU, from abstract CPU arguments."""
+    analysis = _cost_analysis(jitted.lower(*args))
+    if analysis is None or "flops" not in analysis:
+        analysis = _cost_analysis(jitted.lower(*_abstract_on_cpu(args)))
     return float(analysis.get("flops", float("nan")))
+
+
+def _cost_analysis(lowered) -> dict | None:
+    try:
+        analysis = lowered.cost_analysis()
+    except NotImplementedError:  # PJRT plugins without an HLO cost analysis
+        return None
+    return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+
+
+def _abstract_on_cpu(args):
+    """`args` as shape/dtype structures placed on the CPU device (nothing is copied)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a), sharding=cpu), args)
 
 
 def _time_steps(step, state, batches, iterations: int):
@@ -137,10 +155,9 @@ def resnet_throughput(
     ]
     compiler_options = option_set(options)
     train_step = jax.jit(steps.make_train_step(), donate_argnums=(0,), compiler_options=compiler_options)
-    lowered = train_step.lower(state, batches[0])
-    flops = _flops(lowered)
+    flops = _flops(train_step, state, batches[0])
     started = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = train_step.lower(state, batches[0]).compile()
     compile_seconds = time.perf_counter() - started
     seconds, state = _time_steps(compiled, state, batches, iterations)
     result = {
@@ -167,6 +184,27 @@ def resnet_throughput(
                 jax.block_until_ready((state.params, metrics))
             result["profile"] = profile_summary(trace_dir, steps=profile_steps)
     return result
+
+
+def kernel_category(name: str) -> str:
+    """The kind of work a GPU trace event does, from its kernel name: a cuDNN/CUTLASS convolution,
+    a cuBLAS matrix product (XLA runs some 1x1 convolutions as GEMMs: `nvjet_*`, `*gemm*`), or
+    one of XLA's fusions (pooling windows and their scatter gradient, reductions such as
+    BatchNorm statistics, elementwise loops), or a copy/memset."""
+    lowered = name.lower()
+    if "fusion" in lowered:  # XLA's generated kernels ("loop_convert_fusion" is no convolution)
+        if "scatter" in lowered or "reduce_window" in lowered:
+            return "pooling fusions (max-pool window, its scatter gradient)"
+        if "reduce" in lowered:
+            return "reduction fusions (BatchNorm statistics, sums)"
+        return "elementwise fusions"
+    if re.search(r"xmma|cutlass|implicit_gemm|cudnn|conv(?!ert)|wgrad|dgrad|fprop", lowered):
+        return "convolutions"
+    if any(key in lowered for key in ("gemm", "cublas", "nvjet")):
+        return "matrix products"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copies and memsets"
+    return "other"
 
 
 # Trace lines that repeat what other lines hold (whole steps or modules, Python frames).
@@ -202,8 +240,23 @@ def profile_summary(trace_dir: str, *, steps: int, top: int = 12, max_lines: int
             "line": line,
             "ms_per_step": total / 1e6 / steps,
             "top": [{"name": name, "ms_per_step": ns / 1e6 / steps} for name, ns in totals.most_common(top)],
+            "categories": _categories(totals, steps),
         }
         for total, plane, line, totals in lines[:max_lines]
+    ]
+
+
+def _categories(totals: Mapping[str, int], steps: int, names: int = 3) -> list[dict]:
+    """`totals` (ns per event name) summed by `kernel_category`, in ms per step, largest first,
+    each with its `names` largest events."""
+    by_category = collections.defaultdict(collections.Counter)
+    for name, ns in totals.items():
+        by_category[kernel_category(name)][name] += ns
+    ranked = sorted(by_category.items(), key=lambda item: -sum(item[1].values()))
+    return [
+        {"category": category, "ms_per_step": sum(events.values()) / 1e6 / steps,
+         "events": len(events), "largest": [name for name, _ in events.most_common(names)]}
+        for category, events in ranked
     ]
 
 
@@ -318,6 +371,11 @@ def markdown(record: Mapping[str, Any]) -> str:
                 text.append(common.markdown_table(
                     ["op", "ms / step"], [[item["name"][:80], f"{item['ms_per_step']:.3f}"] for item in line["top"]]
                 ))
+                text += ["", common.markdown_table(
+                    ["kind of work (all events of the line)", "ms / step", "share", "distinct events", "largest"],
+                    [[c["category"], f"{c['ms_per_step']:.3f}", f"{100 * c['ms_per_step'] / line['ms_per_step']:.1f}%",
+                      c["events"], ", ".join(name[:40] for name in c["largest"])] for c in line.get("categories", [])],
+                )]
     if record["cifar_resnet"]:
         text += ["", common.markdown_table(
             ["network", "scheme", "examples", "batch", "epoch s", "images/s", "warm-up epoch s", "first step (compile) s"],

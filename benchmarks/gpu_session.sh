@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The prepared run for a lent GPU machine: the measurements that benchmarks/RESULTS.md ("What the
-# next GPU session should measure") lists, in one command whose step limits add up to 9 minutes
-# (not yet run on a GPU: an estimate from the earlier GPU timings is 5-8 minutes). Records (JSON +
-# Markdown) and one log go to $OUT (default runs/gpu_session).
+# The prepared run for a lent GPU machine: the GPU measurements of benchmarks/RESULTS.md in one
+# command whose step limits add up to 9 minutes (on an H200 on 2026-11-26: gpu.py 2.5 min,
+# memory.py 25 s, train_step.py 49 s, plus a minute or two to start the machine). Records (JSON +
+# Markdown) and one log go to $OUT (default runs/gpu_session): 7 files, within the device tool's 8.
 #
 #   here, once (the GPU image lacks ml_collections and nothing can be fetched there; .whl/ is ignored):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,13 +34,13 @@ step() {  # step LIMIT_SECONDS NAME COMMAND...: run, log, print the end of the o
 
 # 1. ResNet-50 MFU: batch size, XLA options, layout changes in the optimized HLO, a profile;
 #    CIFAR ResNet-20 epochs (Euler, LM) after an untimed warm-up epoch.
-if [ ${#quick[@]} -eq 0 ]; then batches=(--batch-sizes 256 512); else batches=(); fi
+if [ ${#quick[@]} -eq 0 ]; then batches=(--batch-sizes 256 512 1024); gpu_steps=(--steps 10); else batches=(); gpu_steps=(); fi
 step 240 gpu "$python" benchmarks/gpu.py "${quick[@]}" --out "$out" "${batches[@]}" \
-  --option-sets package latency-hiding autotune-4 --profile
+  --option-sets package latency-hiding --profile
 # 2. remat memory on the GPU backend (ResNet-56, both layouts).
-step 120 memory "$python" benchmarks/memory.py "${quick[@]}" --out "$out" --repeats 1
+step 120 memory "$python" benchmarks/memory.py "${quick[@]}" --out "$out" --repeats 3 "${gpu_steps[@]}"
 # 3. scan vs unrolled, and JAX's own convolution gradients, on the GPU backend.
 step 180 train_step "$python" benchmarks/train_step.py "${quick[@]}" --no-torch --out "$out" \
-  --variants scan unrolled scan+lax-grad
+  --variants scan unrolled scan+lax-grad "${gpu_steps[@]}"
 tail -n 60 "$out/gpu.md" 2> /dev/null
 ls -l "$out"

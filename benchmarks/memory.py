@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=common.positive_int, default=None, help="default 128 (quick: 8)")
     parser.add_argument("--layouts", nargs="+", choices=("scan", "unrolled"), default=None, help="default both (quick: scan)")
     parser.add_argument("--repeats", type=common.positive_int, default=None, help="turns (default 3; quick 1)")
+    parser.add_argument("--steps", type=common.positive_int, default=1, help="steps per turn (default 1; more on a GPU)")
     parser.add_argument("--no-timing", action="store_true", help="memory analysis only (no steps run)")
     args = parser.parse_args(argv)
     depth = args.depth or (14 if args.quick else 56)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
 
     record = common.machine_record(args.quick, "memory.py", argv)
-    record.update(depth=depth, batch_size=batch_size, repeats=repeats, timed=not args.no_timing, rows=[])
+    record.update(depth=depth, batch_size=batch_size, repeats=repeats, steps_per_turn=args.steps, timed=not args.no_timing, rows=[])
     batch = common.random_batch(batch_size)
     train_step = common.jit_train_step()
     rows, runners = [], {}
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     timing = None
     if not args.no_timing:
         timing = common.interleaved_seconds_per_step(
-            {f"{layout}/{remat}": runner for (layout, remat), runner in runners.items()}, repeats=repeats, steps_per_repeat=1
+            {f"{layout}/{remat}": runner for (layout, remat), runner in runners.items()}, repeats=repeats, steps_per_repeat=args.steps
         )
     for row in rows:
         base = next(r for r in rows if r["layout"] == row["layout"] and not r["remat"])
@@ -102,7 +103,7 @@ def markdown(record: dict) -> str:
         "",
         "Memory: XLA compiled memory analysis (peak = arguments + outputs + temporaries - aliased donated state), "
         "the executable's static buffer plan on this backend. "
-        + (f"Time: median over {record['repeats']} turn(s), all variants taking turns." if record["timed"] else "Not timed."),
+        + (f"Time: median over {record['repeats']} turn(s) of {record.get('steps_per_turn', 1)} step(s), all variants taking turns." if record["timed"] else "Not timed."),
         f"Command: `{record['command']}`",
     ])
 

@@ -169,6 +169,8 @@ def test_gpu_quick_runs_on_cpu(bench_out):
     assert rows[0]["compiler_options"] == record["compiler_options"]
     profile = rows[0]["profile"]
     assert profile and all(line["ms_per_step"] > 0 and line["top"] for line in profile)
+    for line in profile:  # the categories partition the line's time
+        assert sum(c["ms_per_step"] for c in line["categories"]) == pytest.approx(line["ms_per_step"])
     assert "profile" not in rows[1]
     epochs = record["cifar_resnet"]
     assert [(c["scheme"], c["depth"], c["steps"]) for c in epochs] == [("euler", 8, 4), ("lm", 8, 4)]
@@ -178,3 +180,41 @@ def test_gpu_quick_runs_on_cpu(bench_out):
     tables = [block for block in markdown.split("\n\n") if block.startswith("|")]
     assert [len(table_rows(table)) for table in (tables[0], tables[-1])] == [2, 2]
     assert "Profile of resnet18" in markdown and "CIFAR ResNet-8" in tables[-1]
+
+
+def test_gpu_kernel_categories():
+    gpu = load_script("gpu")
+    expected = {
+        # names as a H200 trace of ResNet-50's train step shows them
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128": "convolutions",
+        "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_": "convolutions",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bx_coopA_bias_TNT": "matrix products",
+        "input_reduce_select_fusion_9": "reduction fusions (BatchNorm statistics, sums)",
+        "input_scatter_fusion": "pooling fusions (max-pool window, its scatter gradient)",
+        "loop_reduce_window_fusion": "pooling fusions (max-pool window, its scatter gradient)",
+        "loop_add_fusion_1": "elementwise fusions",
+        "loop_convert_fusion": "elementwise fusions",  # "convert" is no convolution
+        "wrapped_convert": "other",
+        "Memset 3": "copies and memsets",
+    }
+    assert {name: gpu.kernel_category(name) for name in expected} == expected
+    totals = {"loop_add_fusion_1": 3_000_000, "loop_maximum_fusion": 1_000_000, "sm90_xmma_wgrad": 2_000_000}
+    assert gpu._categories(totals, steps=2) == [
+        {"category": "elementwise fusions", "ms_per_step": 2.0, "events": 2,
+         "largest": ["loop_add_fusion_1", "loop_maximum_fusion"]},
+        {"category": "convolutions", "ms_per_step": 1.0, "events": 1, "largest": ["sm90_xmma_wgrad"]},
+    ]
+
+
+def test_gpu_flops_from_cpu_lowering_match():
+    """The fallback for backends without a lowered-HLO cost analysis (the GPU plugin) counts the
+    same FLOPs as the direct analysis; and for a convolution, the hand count."""
+    import jax
+    import jax.numpy as jnp
+
+    gpu = load_script("gpu")
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    direct = gpu._flops(conv, x, w)
+    assert direct == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)  # 2 FLOPs per multiply-add, per output element
+    assert gpu._cost_analysis(conv.lower(*gpu._abstract_on_cpu((x, w))))["flops"] == direct
