@@ -34,13 +34,15 @@ step() {  # step LIMIT_SECONDS NAME COMMAND...: run, log, print the end of the o
 
 # 1. ResNet-50 MFU: batch size, XLA options, layout changes in the optimized HLO, a profile;
 #    CIFAR ResNet-20 epochs (Euler, LM) after an untimed warm-up epoch.
-if [ ${#quick[@]} -eq 0 ]; then batches=(--batch-sizes 256 512 1024); gpu_steps=(--steps 10); else batches=(); gpu_steps=(); fi
+if [ ${#quick[@]} -eq 0 ]; then batches=(--batch-sizes 256 512 1024); gpu_steps=(--steps 10); long_turns=(--steps 50 --repeats 5)
+else batches=(); gpu_steps=(); long_turns=(); fi
 step 240 gpu "$python" benchmarks/gpu.py "${quick[@]}" --out "$out" "${batches[@]}" \
   --option-sets package latency-hiding --profile
 # 2. remat memory on the GPU backend (ResNet-56, both layouts).
 step 120 memory "$python" benchmarks/memory.py "${quick[@]}" --out "$out" --repeats 3 "${gpu_steps[@]}"
-# 3. scan vs unrolled, and JAX's own convolution gradients, on the GPU backend.
+# 3. scan vs unrolled, and JAX's own convolution gradients, on the GPU backend (turns of 50 steps:
+#    these steps take 3-9 ms, and 10-step turns left the depth-56 gap within their spread).
 step 180 train_step "$python" benchmarks/train_step.py "${quick[@]}" --no-torch --out "$out" \
-  --variants scan unrolled scan+lax-grad "${gpu_steps[@]}"
+  --variants scan unrolled scan+lax-grad "${long_turns[@]}"
 tail -n 60 "$out/gpu.md" 2> /dev/null
 ls -l "$out"
