@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from cnn.models.layers import kaiming_fan_out
 from cnn.models.registry import register
+from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import Scheme, get_scheme
 from cnn.ode.stage import ODEStage, linear_drop_path_rates
 from cnn.ops.conv import conv_general_dilated
@@ -80,8 +81,9 @@ class _Layers(nn.Module):
             conv_general_dilated=conv_general_dilated,  # fast gradients inside nn.scan on CPU
         )
 
-    def norm(self, train: bool, name: str) -> nn.BatchNorm:
-        return nn.BatchNorm(
+    def norm(self, train: bool, name: str) -> EvaluationBatchNorm:
+        # nn.BatchNorm itself unless called with `evaluation=k >= 1` (cnn.ode.norm)
+        return EvaluationBatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
@@ -99,12 +101,16 @@ class CifarResidual(_Layers):
     preactivation: bool = False
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, *, train: bool, evaluation: int = 0) -> jnp.ndarray:
+        """`evaluation`: which `F` evaluation of a scheme step this is (per-evaluation BatchNorm
+        statistics, `cnn.ode.norm`); 0 outside multi-evaluation schemes."""
+        bn1 = lambda y: self.norm(train, "bn1")(y, evaluation=evaluation)  # noqa: E731
+        bn2 = lambda y: self.norm(train, "bn2")(y, evaluation=evaluation)  # noqa: E731
         if self.preactivation:
-            y = self.conv(self.features, 3, self.strides, "conv1")(nn.relu(self.norm(train, "bn1")(x)))
-            return self.conv(self.features, 3, 1, "conv2")(nn.relu(self.norm(train, "bn2")(y)))
-        y = nn.relu(self.norm(train, "bn1")(self.conv(self.features, 3, self.strides, "conv1")(x)))
-        return self.norm(train, "bn2")(self.conv(self.features, 3, 1, "conv2")(y))
+            y = self.conv(self.features, 3, self.strides, "conv1")(nn.relu(bn1(x)))
+            return self.conv(self.features, 3, 1, "conv2")(nn.relu(bn2(y)))
+        y = nn.relu(bn1(self.conv(self.features, 3, self.strides, "conv1")(x)))
+        return bn2(self.conv(self.features, 3, 1, "conv2")(y))
 
 
 class PadShortcut(nn.Module):
@@ -161,6 +167,8 @@ class CifarResNet(_Layers):
       start, history_at_entry: `cnn.ode.ODEStage` options (defaults: the LM-ResNet paper's).
       final_survival: stochastic depth; survival probability of the last block (1 = off),
         linear in depth over all `3n` blocks.
+      per_evaluation_stats: multi-evaluation schemes (RK stages, implicit sweeps) keep BatchNorm
+        running statistics per evaluation of `F` (`cnn.ode.norm`); False shares them.
       bn_axis_name, dtype, param_dtype: BatchNorm cross-device axis and dtypes.
     """
 
@@ -176,6 +184,7 @@ class CifarResNet(_Layers):
     start: str = "euler"
     history_at_entry: str = "restart"
     final_survival: float = 1.0
+    per_evaluation_stats: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -216,6 +225,7 @@ class CifarResNet(_Layers):
                 history_at_entry=self.history_at_entry,
                 drop_path_rates=tuple(rates[s * n : (s + 1) * n]),
                 step_activation=None if self.preactivation else nn.relu,
+                per_evaluation_stats=self.per_evaluation_stats,
                 param_dtype=self.param_dtype,
                 name=f"stage{s + 1}",
             )

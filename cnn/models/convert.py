@@ -63,6 +63,7 @@ from cnn.models.googlenet import GoogLeNet
 from cnn.models.registry import create
 from cnn.models.resnet import ResNet
 from cnn.models.vgg import CONVS_PER_BLOCK, VGG
+from cnn.ode.norm import EVALUATION_PREFIX
 from cnn.ode.schemes import get_scheme
 from cnn.ode.stage import stack_unrolled, unstack_scanned
 
@@ -255,6 +256,8 @@ def to_torchvision(name: str, variables: Mapping[str, Any], **options: Any) -> S
 
     Returns:
       `{torch key: array}` with torch layouts (OIHW conv weights, [out, in] linear weights).
+      A multi-evaluation scheme's per-evaluation BatchNorm statistics (`eval{k}`, `cnn.ode.norm`)
+      have no torchvision place: each BatchNorm exports those of evaluation 0.
 
     Raises:
       ValueError: the family has no torchvision counterpart, or a ResNet with a scheme is tied
@@ -371,6 +374,11 @@ def from_torchvision(
             for flax_name, torch_name in (("mean", "running_mean"), ("var", "running_var")):
                 value = fetch(f"{prefix}.{torch_name}", lambda a: a, module_stats[flax_name])
                 _set(variables, ("batch_stats", *path), flax_name, value)
+                # Multi-evaluation schemes keep statistics per F evaluation (cnn.ode.norm):
+                # each starts from the one torchvision has.
+                for child in module_stats:
+                    if child.startswith(EVALUATION_PREFIX) and isinstance(module_stats[child], Mapping):
+                        _set(variables, ("batch_stats", *path, child), flax_name, value)
             used.add(f"{prefix}.num_batches_tracked")
             continue
         kernel = leaves["kernel"]

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 
 from cnn.models.layers import MaxPool, check_input, kaiming_fan_out, torch_linear_init
 from cnn.models.registry import register
+from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import START_MODES, Scheme, get_scheme
 from cnn.ode.stage import HISTORY_MODES, ODEStage, linear_drop_path_rates
 from cnn.ops.conv import conv_general_dilated
@@ -102,8 +103,9 @@ class _ConvBN(nn.Module):
             conv_general_dilated=conv_general_dilated,  # fast gradients inside nn.scan on CPU
         )
 
-    def norm(self, train: bool, name: str, zero_init: bool = False) -> nn.BatchNorm:
-        return nn.BatchNorm(
+    def norm(self, train: bool, name: str, zero_init: bool = False) -> EvaluationBatchNorm:
+        # nn.BatchNorm itself unless called with `evaluation=k >= 1` (cnn.ode.norm)
+        return EvaluationBatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=self.bn_axis_name,
             scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
@@ -126,9 +128,12 @@ class BasicResidual(_ConvBN):
     expansion: ClassVar[int] = 1
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        y = nn.relu(self.norm(train, "bn1")(self.conv(self.features, 3, self.strides, "conv1")(x)))
-        return self.norm(train, "bn2", self.zero_init_last_bn)(self.conv(self.features, 3, 1, "conv2")(y))
+    def __call__(self, x: jnp.ndarray, *, train: bool, evaluation: int = 0) -> jnp.ndarray:
+        """`evaluation`: which `F` evaluation of a scheme step this is (`cnn.ode.norm`)."""
+        y = nn.relu(self.norm(train, "bn1")(self.conv(self.features, 3, self.strides, "conv1")(x), evaluation=evaluation))
+        return self.norm(train, "bn2", self.zero_init_last_bn)(
+            self.conv(self.features, 3, 1, "conv2")(y), evaluation=evaluation
+        )
 
 
 class BottleneckResidual(_ConvBN):
@@ -149,11 +154,12 @@ class BottleneckResidual(_ConvBN):
     expansion: ClassVar[int] = 4
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        y = nn.relu(self.norm(train, "bn1")(self.conv(self.features, 1, 1, "conv1")(x)))
-        y = nn.relu(self.norm(train, "bn2")(self.conv(self.features, 3, self.strides, "conv2")(y)))
+    def __call__(self, x: jnp.ndarray, *, train: bool, evaluation: int = 0) -> jnp.ndarray:
+        """`evaluation`: which `F` evaluation of a scheme step this is (`cnn.ode.norm`)."""
+        y = nn.relu(self.norm(train, "bn1")(self.conv(self.features, 1, 1, "conv1")(x), evaluation=evaluation))
+        y = nn.relu(self.norm(train, "bn2")(self.conv(self.features, 3, self.strides, "conv2")(y), evaluation=evaluation))
         return self.norm(train, "bn3", self.zero_init_last_bn)(
-            self.conv(self.features * self.expansion, 1, 1, "conv3")(y)
+            self.conv(self.features * self.expansion, 1, 1, "conv3")(y), evaluation=evaluation
         )
 
 
@@ -265,6 +271,8 @@ class ResNet(nn.Module):
         LM-ResNet paper's "euler" / "restart").
       final_survival: with a scheme, stochastic depth: survival probability of the last block
         (1 = off), linear in depth over all `sum(stage_sizes)` blocks; rng stream "dropout".
+      per_evaluation_stats: with a multi-evaluation scheme (RK stages, implicit sweeps), BatchNorm
+        running statistics per evaluation of `F` (`cnn.ode.norm`); False shares them.
     """
 
     depth: int = 50
@@ -281,6 +289,7 @@ class ResNet(nn.Module):
     start: str = "euler"
     history_at_entry: str = "restart"
     final_survival: float = 1.0
+    per_evaluation_stats: bool = True
 
     canonical_input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
 
@@ -293,7 +302,8 @@ class ResNet(nn.Module):
             # These options belong to ODEStage; silently ignoring them would train another network.
             ode_only = {"tied": (self.tied, False), "start": (self.start, "euler"),
                         "history_at_entry": (self.history_at_entry, "restart"),
-                        "final_survival": (self.final_survival, 1.0)}
+                        "final_survival": (self.final_survival, 1.0),
+                        "per_evaluation_stats": (self.per_evaluation_stats, True)}
             for option, (value, default) in ode_only.items():
                 if value != default:
                     raise ValueError(
@@ -384,6 +394,7 @@ class ResNet(nn.Module):
                 history_at_entry=self.history_at_entry,
                 drop_path_rates=tuple(rates[first_block : first_block + num_blocks]),
                 step_activation=nn.relu,
+                per_evaluation_stats=self.per_evaluation_stats,
                 param_dtype=self.param_dtype,
                 name=f"layer{stage + 1}",
             )(x, history, train=train)

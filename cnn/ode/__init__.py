@@ -7,6 +7,7 @@ their numerical analysis.
     analysis.convergence_study("rk4", f, exact, x0).slope        # observed order ~ 4
 """
 
+from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import (
     Coefficient,
     History,
@@ -20,11 +21,13 @@ from cnn.ode.stage import (
     knob_values,
     linear_drop_path_rates,
     stack_unrolled,
+    takes_evaluation,
     unstack_scanned,
 )
 
 __all__ = [
     "Coefficient",
+    "EvaluationBatchNorm",
     "History",
     "Knob",
     "ODEStage",
@@ -34,5 +37,6 @@ __all__ = [
     "knob_values",
     "linear_drop_path_rates",
     "stack_unrolled",
+    "takes_evaluation",
     "unstack_scanned",
 ]

@@ -47,6 +47,12 @@ Options:
   False unrolls them into modules `blocks_0 .. blocks_{M-1}` with identical results. Convert
   parameters between the layouts with `stack_unrolled` / `unstack_scanned`.
 - `remat`: recompute each step's activations in the backward pass.
+- `per_evaluation_stats`: schemes that evaluate `F` several times per step (Runge-Kutta stages,
+  implicit sweeps) number those evaluations `0, 1, ...` and pass `evaluation=k` to blocks whose
+  `__call__` takes it; their `cnn.ode.EvaluationBatchNorm`s then keep running statistics per
+  evaluation (`batch_stats/.../eval{k}/{mean,var}` for k >= 1), sharing scale and bias. A
+  single shared average mixes differently distributed inputs and spoils eval mode (see
+  `cnn.ode.norm`). False restores shared statistics; one-evaluation schemes are unaffected.
 
 Parameter tree of a stage: `entry/{block,shortcut}` (when there is an entry block), `blocks`
 (scanned, leading axis = number of identical blocks), or `blocks_{i}` (unrolled), or `tied_block`
@@ -56,6 +62,8 @@ scalar per block, including blocks whose start step does not use it (its gradien
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -82,6 +90,16 @@ def linear_drop_path_rates(num_blocks: int, final_survival: float) -> tuple[floa
     if not 0.0 < final_survival <= 1.0:
         raise ValueError(f"final_survival={final_survival}: must be in (0, 1]")
     return tuple(float(l / num_blocks * (1.0 - final_survival)) for l in range(1, num_blocks + 1))
+
+
+def takes_evaluation(module: nn.Module) -> bool:
+    """Whether a residual block's `__call__` takes `evaluation` (the index of the scheme's `F`
+    evaluation within a step), i.e. keeps per-evaluation BatchNorm statistics."""
+    try:
+        parameters = inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "evaluation" in parameters
 
 
 class SchemeKnobs(nn.Module):
@@ -124,6 +142,7 @@ class SchemeStep(nn.Module):
     start: str = "euler"
     drop_path: bool = False
     step_activation: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+    per_evaluation_stats: bool = True
 
     @nn.compact
     def __call__(self, carry: tuple[jnp.ndarray, History | None], xs: tuple[Any, ...]):
@@ -135,9 +154,16 @@ class SchemeStep(nn.Module):
             survival = 1.0 - drop_rate
             keep = jax.random.bernoulli(drop_key, survival, (x.shape[0],) + (1,) * (x.ndim - 1))
             scale = keep / survival
+        # The scheme calls f once per evaluation of F, in a fixed Python order: number them, so
+        # that blocks taking `evaluation` keep BatchNorm statistics per evaluation (cnn.ode.norm).
+        numbered = self.per_evaluation_stats and takes_evaluation(residual)
+        evaluations = itertools.count()
 
         def f(z: jnp.ndarray) -> jnp.ndarray:
-            out = residual(z, train=self.train)
+            if numbered:
+                out = residual(z, train=self.train, evaluation=next(evaluations))
+            else:
+                out = residual(z, train=self.train)
             return out if scale is None else out * scale.astype(out.dtype)
 
         shortcut = None
@@ -165,7 +191,8 @@ class ODEStage(nn.Module):
       num_blocks: number of blocks N including the entry block.
       entry_block: factory of block 0 when it changes shape (needs `entry_shortcut`), else None.
       entry_shortcut: factory of S for block 0, `__call__(x, *, train)`.
-      tied, scan, remat, start, history_at_entry, drop_path_rates, step_activation: see above.
+      tied, scan, remat, start, history_at_entry, drop_path_rates, step_activation,
+        per_evaluation_stats: see above.
       param_dtype: dtype of the knob parameters.
     """
 
@@ -181,6 +208,7 @@ class ODEStage(nn.Module):
     history_at_entry: str = "restart"
     drop_path_rates: tuple[float, ...] = ()
     step_activation: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+    per_evaluation_stats: bool = True
     param_dtype: Any = jnp.float32
 
     def _validate(self) -> None:
@@ -235,7 +263,7 @@ class ODEStage(nn.Module):
 
         step_cls = nn.remat(SchemeStep) if self.remat else SchemeStep
         common = dict(scheme=scheme, train=train, start=self.start, drop_path=drop_path,
-                      step_activation=self.step_activation)
+                      step_activation=self.step_activation, per_evaluation_stats=self.per_evaluation_stats)
 
         index = 0
         if has_entry:

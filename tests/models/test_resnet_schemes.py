@@ -286,8 +286,26 @@ def test_converter_maps_torchvision_weights_into_both_ode_layouts(torchvision18)
     assert_trees_equal(unrolled, expected)
     scanned = convert.from_torchvision("resnet18", state, scheme="euler")
     assert_trees_equal(scanned, {c: stack_unrolled(t) for c, t in expected.items()})
-    # RK schemes use the same layout
-    assert_trees_equal(convert.from_torchvision("resnet18", state, scheme="rk4"), scanned)
+    # RK schemes use the same parameters; their BatchNorms in identical blocks keep statistics
+    # per F evaluation (eval1..eval3 for RK4), each starting from torchvision's
+    rk4 = convert.from_torchvision("resnet18", state, scheme="rk4")
+    assert_trees_equal(rk4["params"], scanned["params"])
+    per_evaluation = []
+
+    def split(tree):
+        if "mean" in tree:
+            children = {k: v for k, v in tree.items() if k.startswith("eval")}
+            per_evaluation.extend((children[k], tree) for k in sorted(children))
+            return {k: v for k, v in tree.items() if not k.startswith("eval")}
+        return {k: split(v) for k, v in tree.items()}
+
+    assert_trees_equal(split(rk4["batch_stats"]), scanned["batch_stats"])
+    # bn1, bn2 of each stage's (stacked) identical blocks, 3 extra evaluations each
+    assert len(per_evaluation) == 3 * 2 * 4
+    for child, parent in per_evaluation:
+        assert_trees_equal(child, {"mean": parent["mean"], "var": parent["var"]})
+    back = convert.to_torchvision("resnet18", rk4, scheme="rk4")
+    assert all(np.array_equal(back[key], state[key]) for key in state)
     # round trips back to torchvision names
     for layout, options in ((unrolled, {"scan": False}), (scanned, {})):
         exported = convert.to_torchvision("resnet18", layout, scheme="euler", **options)
