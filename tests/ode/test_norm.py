@@ -209,3 +209,25 @@ def test_parameter_counts_do_not_change():
     # (16 maps, no transition) has 3 of them, stages 2 and 3 (32, 64 maps) 2 after their entry
     extra = count(shapes["midpoint"]["batch_stats"]) - count(shapes["euler"]["batch_stats"])
     assert extra == 2 * 2 * (3 * 16 + 2 * 32 + 2 * 64)
+
+
+def test_training_computes_the_same_function_either_way():
+    """Per-evaluation statistics change only the running averages: in train mode (batch
+    statistics) the logits and gradients are those of shared statistics, from the same weights."""
+    x = random_x((8, 8, 8, 3), seed=4)
+    labels = jnp.arange(8) % 10
+    results = []
+    for per_evaluation_stats in (True, False):
+        model = models.create("cifar_resnet", depth=14, width=4, scheme="rk4", per_evaluation_stats=per_evaluation_stats)
+        variables = model.init(jax.random.key(0), x, train=False)
+
+        def loss(params, model=model, variables=variables):
+            logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels]), logits
+
+        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        results.append((value, logits, grads))
+    (v1, l1, g1), (v2, l2, g2) = results
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
