@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnn.ode.norm import EVALUATION_PREFIX
 from cnn.train.state import TrainState, state_to_tree, tree_to_state
 
 ITEMS = ("state", "data", "loop")
@@ -155,14 +157,24 @@ class Checkpointer:
                 f"no checkpoint step={step} in {self.directory}; available steps: {steps or 'none'}"
             )
         template_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(template))
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template_tree),
-                data=ocp.args.JsonRestore(),
-                loop=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template_tree),
+                    data=ocp.args.JsonRestore(),
+                    loop=ocp.args.JsonRestore(),
+                ),
+            )
+        except ValueError as error:
+            if _has_per_evaluation_stats(template_tree):
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory} does not fit the model's variables (Orbax: "
+                    f"{str(error)[:300]}...). The model keeps BatchNorm statistics per F evaluation "
+                    "(`eval{k}`, cnn.ode.norm); a checkpoint written before that feature has none: build "
+                    "the model with per_evaluation_stats=False (config.model_options) to restore it"
+                ) from error
+            raise
         state = tree_to_state(template, jax.tree_util.tree_map(np.asarray, restored.state))
         return state, dict(restored.data or {}), dict(restored.loop or {})
 
@@ -186,6 +198,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _has_per_evaluation_stats(tree: Any) -> bool:
+    """Whether a state tree holds per-evaluation BatchNorm statistics (`.../eval{k}/mean`)."""
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return any(
+        getattr(key, "key", None) is not None and re.fullmatch(rf"{EVALUATION_PREFIX}\d+", str(key.key))
+        for path, _ in paths for key in path
+    )
 
 
 def restore_state(directory: str | os.PathLike, template: TrainState, step: int | None = None) -> TrainState:

@@ -98,3 +98,23 @@ def test_tree_is_finite():
 def test_bad_arguments(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=field):
         Checkpointer(tmp_path, **kwargs)
+
+
+def test_checkpoint_without_per_evaluation_statistics_names_the_option(tmp_path):
+    """A multi-evaluation model saved with shared BatchNorm statistics (as before cnn.ode.norm)
+    restores into the same model, and into the per-evaluation model only with a hint."""
+    tx, _ = optim.make_optimizer({"name": "sgd", "momentum": 0.9})
+
+    def state(per_evaluation_stats):
+        model = cnn.models.create("cifar_resnet", depth=8, width=4, scheme="midpoint",
+                                  per_evaluation_stats=per_evaluation_stats)
+        return to_host(create_train_state(model, tx, rng=0, input_shape=(1, 8, 8, 3)))
+
+    shared = state(False)
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(1, shared)
+    restored, _, _ = checkpointer.restore(shared)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(shared)
+    with pytest.raises(ValueError, match=r"per_evaluation_stats=False"):
+        checkpointer.restore(state(True))
+    checkpointer.close()
