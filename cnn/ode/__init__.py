@@ -1,5 +1,6 @@
-"""ResNets read as discretizations of an ODE: schemes, the residual stage that applies them, and
-their numerical analysis.
+"""ResNets read as discretizations of an ODE: schemes, the residual stage that applies them, the
+BatchNorm that keeps statistics per evaluation of `F` (`EvaluationBatchNorm`), and their numerical
+analysis.
 
     scheme = cnn.ode.get_scheme("lm")                 # x_{t+1} = (1-k_t) x_t + k_t x_{t-1} + F(x_t)
     stage = cnn.ode.ODEStage(scheme=scheme, block=..., num_blocks=9)

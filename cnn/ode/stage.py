@@ -17,10 +17,12 @@ Optionally block 0 changes shape (`entry_block` with stride / more channels, plu
 
 BatchNorm inside `F`: a scheme that evaluates `F` several times per step (Runge-Kutta stages,
 implicit sweeps) calls the same BatchNorm layers on each evaluation's input. In training each
-call normalizes with its own batch statistics, but the running averages used in eval mode mix
-all calls, so eval-mode accuracy of such schemes can fall far below their training accuracy
-(measured: experiments/RESULTS.md, section 2b); evaluate them with batch statistics or
-recalibrated statistics when comparing schemes. Single-evaluation schemes are unaffected.
+call normalizes with its own batch statistics; one running average would mix all calls, and
+eval-mode accuracy of such schemes fell far below their training accuracy (measured:
+experiments/RESULTS.md, section 2b). So the stage numbers the evaluations of each step and
+passes `evaluation=k` to blocks that take it, whose `cnn.ode.EvaluationBatchNorm`s keep running
+statistics per evaluation (`per_evaluation_stats`, below). Single-evaluation schemes are
+unaffected.
 
 Options:
 - `start` ("euler" | "copy"): how the first step of a multistep scheme is taken (see
