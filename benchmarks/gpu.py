@@ -67,11 +67,12 @@ def _peak(device: jax.Device, override: float | None) -> float | None:
     return next((value for name, value in PEAK_BF16_TFLOPS.items() if name in kind), None)
 
 
-def _flops(jitted, *args) -> float:
-    """FLOPs of `jitted(*args)` from the cost analysis of its lowered (unoptimized) HLO, where
-    convolutions are still counted. A backend without that analysis (the GPU plugin: JAX 0.11
-    gives None there) gets the same program lowered for the CPU, from abstract CPU arguments."""
-    analysis = _cost_analysis(jitted.lower(*args))
+def _flops(lowered, jitted, *args) -> float:
+    """FLOPs of `jitted(*args)` from the cost analysis of its lowered (unoptimized) HLO
+    `lowered = jitted.lower(*args)`, where convolutions are still counted. A backend without that
+    analysis (the GPU plugin: JAX 0.11 gives None there) gets the same program lowered for the
+    CPU, from abstract CPU arguments."""
+    analysis = _cost_analysis(lowered)
     if analysis is None or "flops" not in analysis:
         analysis = _cost_analysis(jitted.lower(*_abstract_on_cpu(args)))
     return float(analysis.get("flops", float("nan")))
@@ -155,9 +156,10 @@ def resnet_throughput(
     ]
     compiler_options = option_set(options)
     train_step = jax.jit(steps.make_train_step(), donate_argnums=(0,), compiler_options=compiler_options)
-    flops = _flops(train_step, state, batches[0])
+    lowered = train_step.lower(state, batches[0])
+    flops = _flops(lowered, train_step, state, batches[0])
     started = time.perf_counter()
-    compiled = train_step.lower(state, batches[0]).compile()
+    compiled = lowered.compile()
     compile_seconds = time.perf_counter() - started
     seconds, state = _time_steps(compiled, state, batches, iterations)
     result = {

@@ -63,7 +63,7 @@ from cnn.models.googlenet import GoogLeNet
 from cnn.models.registry import create
 from cnn.models.resnet import ResNet
 from cnn.models.vgg import CONVS_PER_BLOCK, VGG
-from cnn.ode.norm import EVALUATION_PREFIX
+from cnn.ode.norm import is_evaluation_name
 from cnn.ode.schemes import get_scheme
 from cnn.ode.stage import stack_unrolled, unstack_scanned
 
@@ -377,7 +377,7 @@ def from_torchvision(
                 # Multi-evaluation schemes keep statistics per F evaluation (cnn.ode.norm):
                 # each starts from the one torchvision has.
                 for child in module_stats:
-                    if child.startswith(EVALUATION_PREFIX) and isinstance(module_stats[child], Mapping):
+                    if is_evaluation_name(child):
                         _set(variables, ("batch_stats", *path, child), flax_name, value)
             used.add(f"{prefix}.num_batches_tracked")
             continue

@@ -28,11 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 EVALUATION_PREFIX = "eval"
+
+
+def is_evaluation_name(name: object) -> bool:
+    """Whether `name` is that of the child holding evaluation k >= 1's statistics (`eval{k}`)."""
+    return isinstance(name, str) and re.fullmatch(rf"{EVALUATION_PREFIX}[1-9]\d*", name) is not None
 
 
 class EvaluationBatchNorm(nn.BatchNorm):
@@ -63,10 +69,9 @@ class EvaluationBatchNorm(nn.BatchNorm):
         fields.update(use_running_average=running, use_scale=False, use_bias=False)
         y = nn.BatchNorm(**fields, name=f"{EVALUATION_PREFIX}{evaluation}")(x)
         # ... then the affine parameters of evaluation 0 (declared alike: same names and shapes).
-        feature_shape = tuple(x.shape[axis] for axis in _axes(x.ndim, self.axis))
-        broadcast = [1] * x.ndim
-        for axis in _axes(x.ndim, self.axis):
-            broadcast[axis] = x.shape[axis]
+        feature_axes = _axes(x.ndim, self.axis)
+        feature_shape = tuple(x.shape[axis] for axis in feature_axes)
+        broadcast = [x.shape[axis] if axis in feature_axes else 1 for axis in range(x.ndim)]
         if self.use_scale:
             scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
             y = y * jnp.reshape(scale, broadcast).astype(y.dtype)
@@ -81,4 +86,4 @@ def _axes(ndim: int, axis: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
-__all__ = ["EVALUATION_PREFIX", "EvaluationBatchNorm"]
+__all__ = ["EVALUATION_PREFIX", "EvaluationBatchNorm", "is_evaluation_name"]

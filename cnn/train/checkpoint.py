@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnn.ode.norm import EVALUATION_PREFIX
+from cnn.ode.norm import is_evaluation_name
 from cnn.train.state import TrainState, state_to_tree, tree_to_state
 
 ITEMS = ("state", "data", "loop")
@@ -203,10 +202,7 @@ class Checkpointer:
 def _has_per_evaluation_stats(tree: Any) -> bool:
     """Whether a state tree holds per-evaluation BatchNorm statistics (`.../eval{k}/mean`)."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return any(
-        getattr(key, "key", None) is not None and re.fullmatch(rf"{EVALUATION_PREFIX}\d+", str(key.key))
-        for path, _ in paths for key in path
-    )
+    return any(is_evaluation_name(getattr(key, "key", None)) for path, _ in paths for key in path)
 
 
 def restore_state(directory: str | os.PathLike, template: TrainState, step: int | None = None) -> TrainState:

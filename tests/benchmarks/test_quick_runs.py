@@ -215,6 +215,6 @@ def test_gpu_flops_from_cpu_lowering_match():
     gpu = load_script("gpu")
     conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    direct = gpu._flops(conv, x, w)
+    direct = gpu._flops(conv.lower(x, w), conv, x, w)
     assert direct == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)  # 2 FLOPs per multiply-add, per output element
     assert gpu._cost_analysis(conv.lower(*gpu._abstract_on_cpu((x, w))))["flops"] == direct

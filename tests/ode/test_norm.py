@@ -10,6 +10,7 @@ import pytest
 
 from cnn import models
 from cnn.ode import EvaluationBatchNorm, ODEStage, get_scheme, takes_evaluation
+from cnn.ode.norm import is_evaluation_name
 
 EPS = 1e-5
 
@@ -79,6 +80,12 @@ def test_later_evaluations_keep_their_own_statistics_and_share_the_affine_parame
     for x, e, mine in ((x0, e0, stats), (x1, e1, stats["eval1"])):
         expected = np_normalize(np.asarray(x, np.float64), np.asarray(mine["mean"]), np.asarray(mine["var"]), scale, bias)
         np.testing.assert_allclose(e, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_names_of_per_evaluation_children():
+    names = {"eval1": True, "eval12": True, "eval0": False, "eval": False, "evaluation": False,
+             "mean": False, "eval1x": False, 1: False}
+    assert {name: is_evaluation_name(name) for name in names} == names
 
 
 @pytest.mark.parametrize("evaluation", [-1, 1.5, "1", None])
