@@ -21,16 +21,15 @@ Environment read by `maybe_initialize_distributed` (first found wins):
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from cnn.train import steps as steps_lib
 
 MODES = ("auto", "single", "pmap", "sharded")
 PMAP_AXIS = "batch"
@@ -122,6 +121,158 @@ def _first_shard(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array):
         return np.asarray(x.addressable_shards[0].data)
     return np.asarray(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compilation: one device, pmap, sharded jit
+
+
+def _donate() -> tuple[int, ...]:
+    # Buffer donation saves memory on accelerators; the CPU backend ignores it with a warning.
+    return (0,) if jax.default_backend() != "cpu" else ()
+
+
+# XLA CPU options for every compiled step (benchmarks/RESULTS.md, "XLA CPU options"). In this
+# JAX, XLA CPU hands some convolutions and the elementwise fusions to YNNPACK by default, among
+# them every kernel-gradient convolution (a whole-image window with the batch as features), which
+# YNNPACK runs 2.5-3x slower than XLA's Eigen convolution on 2 cores. Keeping YNNPACK for dots
+# and reductions only makes the CIFAR ResNet train step 1.2x (one core) to 1.5x (two cores)
+# faster and eval 1.35x, with the same numbers up to rounding.
+CPU_COMPILER_OPTIONS: Mapping[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_options_accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    # Option names and enum values come and go between XLA versions: probe once per process.
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+    except (jax.errors.JaxRuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def default_compiler_options(backend: str | None = None) -> dict[str, str] | None:
+    """The XLA options `compile_single`/`compile_sharded` use by default, or None for XLA's own.
+
+    `CPU_COMPILER_OPTIONS` on the CPU backend when the installed jaxlib accepts them; None on
+    GPU/TPU, when the jaxlib rejects them, or when `XLA_FLAGS` already sets one of them (the
+    user's flag wins).
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if any(f"--{name}" in flags for name in CPU_COMPILER_OPTIONS):
+        return None
+    if not _compiler_options_accepted(tuple(sorted(CPU_COMPILER_OPTIONS.items()))):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+CompilerOptions = Mapping[str, str] | None | str
+
+
+def _resolve_options(compiler_options: CompilerOptions) -> dict[str, Any]:
+    """`jax.jit` keyword arguments for `compiler_options` ("auto", None or a mapping)."""
+    if isinstance(compiler_options, str):
+        if compiler_options != "auto":
+            raise ValueError(f'compiler_options must be "auto", None or a mapping, got {compiler_options!r}')
+        compiler_options = default_compiler_options()
+    return {"compiler_options": dict(compiler_options)} if compiler_options else {}
+
+
+def compile_single(
+    step_fn: Callable, *, donate_state: bool = True, compiler_options: CompilerOptions = "auto"
+) -> Callable:
+    """`jax.jit(step_fn)` for one device (state donated on accelerators).
+
+    `compiler_options`: XLA options for this compilation; "auto" is `default_compiler_options()`
+    (faster convolution gradients on CPU), None XLA's defaults.
+    """
+    return jax.jit(step_fn, donate_argnums=_donate() if donate_state else (), **_resolve_options(compiler_options))
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        try:
+            return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        except TypeError:  # older signature
+            pass
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def pmap_via_shard_map(
+    step_fn: Callable, *, axis_name: str, devices: Any = None, compiler_options: CompilerOptions = "auto"
+) -> Callable:
+    """A `jax.pmap(step_fn, axis_name)` look-alike built on `shard_map` + `jit`.
+
+    Same calling convention as pmap (every argument carries a leading device axis; collectives
+    over `axis_name` work inside `step_fn`), for JAX versions where `jax.pmap` is deprecated or
+    removed. Single-process only: `devices` (default: local devices) form a 1-D mesh.
+    """
+    devices = np.asarray(jax.local_devices() if devices is None else devices)
+    mesh = Mesh(devices, (axis_name,))
+    spec = PartitionSpec(axis_name)
+
+    def per_device(*args):
+        squeezed = jax.tree_util.tree_map(lambda x: x[0], args)
+        return jax.tree_util.tree_map(lambda x: x[None], step_fn(*squeezed))
+
+    @functools.wraps(step_fn)
+    def wrapper(*args):
+        mapped = _shard_map(per_device, mesh, in_specs=(spec,) * len(args), out_specs=spec)
+        return mapped(*args)
+
+    return jax.jit(wrapper, **_resolve_options(compiler_options))
+
+
+def compile_pmap(
+    step_fn: Callable, *, axis_name: str = "batch", use_shard_map: bool | None = None, donate_state: bool = True
+) -> Callable:
+    """The pmap-compiled step: state replicated, batch `[local_devices, batch/devices, ...]`.
+
+    `step_fn` must be built with the same `axis_name` (e.g. `make_train_step(axis_name="batch")`).
+    Uses `jax.pmap` when the installed JAX has it (jax 0.10/0.11 implement it on `jit` +
+    `shard_map` themselves); `use_shard_map=True` (or a JAX without `pmap`) uses
+    `pmap_via_shard_map`, which keeps the same API (and, unlike `jax.pmap`, takes
+    `default_compiler_options()`).
+    """
+    if use_shard_map is None:
+        use_shard_map = not hasattr(jax, "pmap")
+    if use_shard_map:
+        return pmap_via_shard_map(step_fn, axis_name=axis_name)
+    return jax.pmap(step_fn, axis_name=axis_name, donate_argnums=_donate() if donate_state else ())
+
+
+def compile_sharded(
+    step_fn: Callable,
+    mesh: Mesh,
+    *,
+    data_axis: str = "data",
+    returns_state: bool = True,
+    compiler_options: CompilerOptions = "auto",
+) -> Callable:
+    """`jax.jit` with the state replicated and the batch sharded over `mesh` axis `data_axis`.
+
+    Args:
+      step_fn: `train_step` (returns `(state, metrics)`) or `eval_step` (returns metrics; pass
+        `returns_state=False`), written for the global batch (no axis name).
+      mesh: the device mesh (`cnn.train.parallel.make_mesh`).
+      compiler_options: as in `compile_single`.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+    out_shardings = (replicated, replicated) if returns_state else replicated
+    return jax.jit(
+        step_fn,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=out_shardings,
+        donate_argnums=_donate() if returns_state else (),
+        **_resolve_options(compiler_options),
+    )
 
 
 @dataclass(frozen=True)
@@ -240,28 +391,45 @@ class DataParallel:
             return {key: float(_first_shard(value)[0]) for key, value in metrics.items()}
         return {key: float(_first_shard(value)) for key, value in metrics.items()}
 
+    def get_eval_outputs(self, outputs: Mapping[str, Any], gather_keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """An eval step's outputs -> numpy: summed entries as one value (replica 0), `gather_keys`
+        entries as `[global batch, ...]` arrays in example order (all devices, all processes)."""
+        fetched = {}
+        for key, value in outputs.items():
+            if key not in gather_keys:
+                fetched[key] = _first_shard(value)[0] if self.mode == "pmap" else _first_shard(value)
+                continue
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                value = multihost_utils.process_allgather(value, tiled=self.mode != "pmap")
+            array = np.asarray(value)
+            fetched[key] = array.reshape((-1,) + array.shape[2:]) if self.mode == "pmap" else array
+        return fetched
+
     # --- compilation -----------------------------------------------------------------------
 
     def compile_train(self, train_step: Any) -> Any:
         """Compiles `train_step(state, batch) -> (state, metrics)` for this mode."""
         if self.mode == "single":
-            return steps_lib.compile_single(train_step)
+            return compile_single(train_step)
         if self.mode == "pmap":
-            return steps_lib.compile_pmap(train_step, axis_name=PMAP_AXIS, use_shard_map=self.use_shard_map)
-        return steps_lib.compile_sharded(train_step, self.mesh, data_axis=DATA_AXIS)
+            return compile_pmap(train_step, axis_name=PMAP_AXIS, use_shard_map=self.use_shard_map)
+        return compile_sharded(train_step, self.mesh, data_axis=DATA_AXIS)
 
     def compile_eval(self, eval_step: Any) -> Any:
         """Compiles `eval_step(state, batch) -> metrics` for this mode."""
         if self.mode == "single":
-            return steps_lib.compile_single(eval_step, donate_state=False)
+            return compile_single(eval_step, donate_state=False)
         if self.mode == "pmap":
-            return steps_lib.compile_pmap(
+            return compile_pmap(
                 eval_step, axis_name=PMAP_AXIS, use_shard_map=self.use_shard_map, donate_state=False
             )
-        return steps_lib.compile_sharded(eval_step, self.mesh, data_axis=DATA_AXIS, returns_state=False)
+        return compile_sharded(eval_step, self.mesh, data_axis=DATA_AXIS, returns_state=False)
 
 
 __all__ = [
+    "CPU_COMPILER_OPTIONS",
     "DATA_AXIS",
     "MODES",
     "PMAP_AXIS",
@@ -271,4 +439,9 @@ __all__ = [
     "make_mesh",
     "maybe_initialize_distributed",
     "request_deterministic_gpu",
+    "compile_pmap",
+    "compile_sharded",
+    "compile_single",
+    "default_compiler_options",
+    "pmap_via_shard_map",
 ]

@@ -127,7 +127,8 @@ def test_augment_hook_is_applied_inside_the_step():
     state = create_train_state(model, tx, rng=0, input_shape=(1, 8, 8, 1))
     batch = {key: jnp.asarray(value) for key, value in _batches(1)[0].items()}
     flipped = dict(batch, image=batch["image"][:, :, ::-1, :])
-    with_hook = jax.jit(steps.make_train_step(augment_fn=lambda key, images: images[:, :, ::-1, :]))
+    mirror = lambda key, fields, offset=0: {**fields, "image": fields["image"][:, :, ::-1, :]}  # noqa: E731
+    with_hook = jax.jit(steps.make_train_step(augment_fn=mirror))
     without_hook = jax.jit(steps.make_train_step())
     got, _ = with_hook(state, batch)
     want, _ = without_hook(state, flipped)

@@ -1,4 +1,4 @@
-"""The XLA options the compiled steps use by default (`cnn.train.steps.default_compiler_options`)."""
+"""The XLA options the compiled steps use by default (`cnn.train.parallel.default_compiler_options`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from jax import lax
 
 import cnn.models
-from cnn.train import steps
+from cnn.train import parallel, steps
 from cnn.train.state import create_train_state
 
 needs_options = pytest.mark.skipif(
-    steps.default_compiler_options() is None,
+    parallel.default_compiler_options() is None,
     reason="this jaxlib rejects cnn.train.CPU_COMPILER_OPTIONS (or XLA_FLAGS sets them): XLA's defaults are used",
 )
 
@@ -44,20 +44,20 @@ def _convolutions_in_library_fusions(hlo: str) -> int:
 
 
 def test_default_options_only_on_cpu_and_not_over_the_users_flags(monkeypatch):
-    assert steps.default_compiler_options("gpu") is None
-    assert steps.default_compiler_options("tpu") is None
+    assert parallel.default_compiler_options("gpu") is None
+    assert parallel.default_compiler_options("tpu") is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert steps.default_compiler_options("cpu") is None
+    assert parallel.default_compiler_options("cpu") is None
 
 
 def test_options_rejected_by_xla_are_detected():
-    assert not steps._compiler_options_accepted((("xla_no_such_option", "1"),))
-    assert not steps._compiler_options_accepted((("xla_cpu_experimental_ynn_fusion_type", "NOT_A_FUSION_TYPE"),))
+    assert not parallel._compiler_options_accepted((("xla_no_such_option", "1"),))
+    assert not parallel._compiler_options_accepted((("xla_cpu_experimental_ynn_fusion_type", "NOT_A_FUSION_TYPE"),))
 
 
 def test_compiler_options_argument_is_checked():
     with pytest.raises(ValueError, match="compiler_options.*'fast'"):
-        steps.compile_single(lambda s, b: (s, {}), compiler_options="fast")
+        parallel.compile_single(lambda s, b: (s, {}), compiler_options="fast")
 
 
 @needs_options
@@ -67,7 +67,7 @@ def test_options_move_the_kernel_gradient_convolution_out_of_ynnpack():
     x = jnp.ones((64, 8, 8, 16), jnp.float32)  # YNNPACK takes it from 32 images (the conv's features) up
     dy = jnp.ones((64, 8, 8, 16), jnp.float32)
     default_hlo = jax.jit(_kernel_gradient).lower(x, dy).compile().as_text()
-    package_hlo = steps.compile_single(_kernel_gradient, donate_state=False).lower(x, dy).compile().as_text()
+    package_hlo = parallel.compile_single(_kernel_gradient, donate_state=False).lower(x, dy).compile().as_text()
     assert _convolutions_in_library_fusions(default_hlo) == 1
     assert _convolutions_in_library_fusions(package_hlo) == 0
     assert " convolution(" in package_hlo
@@ -83,8 +83,8 @@ def test_train_step_with_the_options_equals_xla_defaults():
     }
     state = create_train_state(model, optax.sgd(0.1, momentum=0.9), rng=0, input_shape=(1, 16, 16, 3))
     train_step = steps.make_train_step()
-    with_options = steps.compile_single(train_step, donate_state=False)
-    xla_defaults = steps.compile_single(train_step, donate_state=False, compiler_options=None)
+    with_options = parallel.compile_single(train_step, donate_state=False)
+    xla_defaults = parallel.compile_single(train_step, donate_state=False, compiler_options=None)
     state_a, metrics_a = with_options(state, batch)
     state_b, metrics_b = xla_defaults(state, batch)
     state_a, _ = with_options(state_a, batch)
