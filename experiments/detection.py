@@ -7,8 +7,8 @@ The data are `cnn.data.synthetic.shapes` (circles, squares, triangles on noisy b
 boxes), the model `yolo_v1_tiny` (`cnn/models/yolo.py`), the loss, decoding and NMS
 `cnn.tasks.detection`, the mAP `cnn.metrics.detection`. The run directory gets results.md (mAP@0.5
 with all-point and 11-point interpolation, AP per class), detections.png (test images with
-predicted boxes; ground truth dashed), learning_curve.png, metrics.jsonl, results.json and
-params.msgpack.
+predicted boxes; ground truth dashed), learning_curve.png and the `cnn.train.fit` run directory
+(config.json, metrics.jsonl, checkpoints/, results.json); rerunning resumes it.
 
 Recorded result of the default config (`python -m experiments.detection --workdir runs/detection`,
 5000 steps of batch 32, jax 0.10.2 on a shared 2-core CPU, 647 s wall while other jobs ran; about
@@ -33,9 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cnn.train  # noqa: E402
 from cnn.data import BatchIterator, synthetic  # noqa: E402
 from cnn.metrics.detection import evaluate_detections  # noqa: E402
-from cnn.tasks.detection import train as detection_train  # noqa: E402
+from cnn.tasks.detection.encode import YoloSpec  # noqa: E402
+from cnn.tasks.detection.task import AUGMENTATION, detection_task, make_detect_fn  # noqa: E402
 from cnn.tasks.detection.viz import plot_detections  # noqa: E402
 
 
@@ -79,6 +81,77 @@ def _plot_learning_curve(history: list[dict[str, Any]], path: pathlib.Path) -> N
     plt.close(figure)
 
 
+def spec_from_config(config: ml_collections.ConfigDict) -> YoloSpec:
+    """`YoloSpec(config.grid_size, config.boxes_per_cell, config.num_classes)`."""
+    return YoloSpec(int(config.grid_size), int(config.boxes_per_cell), int(config.num_classes))
+
+
+def task_from_config(config: ml_collections.ConfigDict) -> cnn.train.Task:
+    """The detection task of the experiment: its grid, loss weights, decoding and VOC evaluation."""
+    size = int(config.image_size)
+    return detection_task(
+        spec_from_config(config), image_size=(size, size), **config.loss.to_dict(),
+        score_threshold=float(config.detect.score_threshold), nms_iou_threshold=float(config.detect.iou_threshold),
+        max_per_class=int(config.detect.max_per_class), max_detections=int(config.detect.max_detections),
+        eval_iou_threshold=float(config.eval.iou_threshold), ap_method=str(config.eval.method),
+    )
+
+
+def trainer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `cnn.train.fit` config of the experiment (the data come from `datasets_factory`)."""
+    steps = int(config.num_train_steps)
+    size = int(config.image_size)
+    return ml_collections.ConfigDict({
+        "seed": int(config.seed),
+        "dataset": "shapes_detection",
+        "num_classes": int(config.num_classes),
+        "batch_size": int(config.batch_size),
+        "eval_batch_size": min(int(config.eval_batch_size), int(config.data.num_test)),
+        "num_train_steps": steps,
+        "model": config.model,
+        "model_options": config.model_options.to_dict(),
+        "optimizer": config.optimizer.to_dict(),
+        "augment": AUGMENTATION,
+        "augment_options": {"image_size": (size, size), **config.augment.to_dict()},
+        "parallelism": config.parallelism,
+        "log_every_steps": int(config.log_every_steps),
+        "eval_every_steps": int(config.eval_every_steps) or steps,  # 0: only at the end
+        "checkpoint": {"max_to_keep": 1},
+        "progress": bool(config.progress),
+        "plot": False,
+    })
+
+
+def datasets_factory(config: ml_collections.ConfigDict):
+    """`fit(..., datasets=)`: `BatchIterator`s over the generated train and test arrays."""
+    arrays = {split: shapes_detection_data(config, split) for split in ("train", "test")}
+
+    def factory(split: str, **kwargs: Any) -> BatchIterator:
+        batch_size = kwargs.pop("batch_size")
+        return BatchIterator(arrays[split], batch_size, **kwargs)
+
+    return factory
+
+
+def detections_and_truths(state, arrays: dict[str, np.ndarray], config: ml_collections.ConfigDict):
+    """Per test image, the final model's detections and the ground truth (for plots and VOC07)."""
+    size = int(config.image_size)
+    detect_fn = make_detect_fn(
+        spec_from_config(config), image_size=(size, size), score_threshold=float(config.detect.score_threshold),
+        nms_iou_threshold=float(config.detect.iou_threshold), max_per_class=int(config.detect.max_per_class),
+        max_detections=int(config.detect.max_detections),
+    )
+    detections, truths = [], []
+    batch = int(config.eval_batch_size)
+    for start in range(0, len(arrays["image"]), batch):
+        found = detect_fn(state, arrays["image"][start:start + batch])
+        for i in range(len(found.valid)):
+            detections.append({key: np.asarray(getattr(found, key)[i]) for key in ("boxes", "scores", "classes", "valid")})
+            truths.append({"boxes": arrays["boxes"][start + i], "classes": arrays["classes"][start + i],
+                           "valid": np.asarray(arrays["valid"][start + i], bool)})
+    return detections, truths
+
+
 def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, command: str = "") -> dict[str, Any]:
     """Trains, evaluates, and writes the run directory; returns the numbers of results.md.
 
@@ -88,29 +161,24 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
       command: the command line, recorded in results.md when given.
     """
     workdir = pathlib.Path(workdir)
-    train_arrays = shapes_detection_data(config, "train")
+    result = cnn.train.fit(trainer_config(config), workdir, task=task_from_config(config),
+                           datasets=datasets_factory(config))
     test_arrays = shapes_detection_data(config, "test")
-    train_batches = BatchIterator(train_arrays, int(config.batch_size), shuffle=True, seed=int(config.seed))
-    eval_batch = min(int(config.eval_batch_size), len(test_arrays["image"]))
-
-    def eval_batches():
-        return BatchIterator(test_arrays, eval_batch, shuffle=False, drop_remainder=False, num_epochs=1)
-
-    result = detection_train.fit(config, workdir, train_batches=train_batches, eval_batches=eval_batches)
-    final = result.evaluation
-    voc07 = evaluate_detections(final.detections, final.ground_truths, num_classes=int(config.num_classes),
-                                iou_threshold=float(config.eval.iou_threshold), method="voc07")
+    detections, truths = detections_and_truths(result.state, test_arrays, config)
+    evaluations = {method: evaluate_detections(detections, truths, num_classes=int(config.num_classes),
+                                               iou_threshold=float(config.eval.iou_threshold), method=method)
+                   for method in ("voc2010", "voc07")}
     names = list(config.class_names)
     shown = int(config.num_figure_images)
-    plot_detections(test_arrays["image"][:shown], final.detections[:shown], final.ground_truths[:shown],
+    plot_detections(test_arrays["image"][:shown], detections[:shown], truths[:shown],
                     class_names=names, path=workdir / "detections.png")
     plt.close("all")
-    _plot_learning_curve(result.history, workdir / "learning_curve.png")
+    _plot_learning_curve(result.train_history + result.eval_history, workdir / "learning_curve.png")
 
     numbers = {
-        "map_voc2010": final.evaluation.mean_ap,
-        "map_voc07": voc07.mean_ap,
-        "average_precision": dict(zip(names, final.evaluation.average_precision.tolist())),
+        "map_voc2010": evaluations["voc2010"].mean_ap,
+        "map_voc07": evaluations["voc07"].mean_ap,
+        "average_precision": dict(zip(names, evaluations["voc2010"].average_precision.tolist())),
         "steps": int(config.num_train_steps),
         "seconds": result.seconds,
     }

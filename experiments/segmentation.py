@@ -7,12 +7,12 @@ front end + context module, trained alike on a CPU; a table of mIoU, parameters 
 
 The data are `cnn.data.load("shapes")` (32x32 images of circles, squares and triangles with exact
 per-pixel masks: 4 classes with background), the models `cnn.models` ("fcn32s", ..., narrow
-widths set in `experiments/configs/segmentation.py`), the loss and steps
-`cnn.tasks.segmentation`, the metrics `cnn.metrics.segmentation`. The run directory gets
+widths set in `experiments/configs/segmentation.py`), the task (loss, mIoU)
+`cnn.tasks.segmentation`, the trainer `cnn.train.fit`, the metrics `cnn.metrics.segmentation`. The run directory gets
 results.md and results.csv (test mIoU, pixel accuracy, mean accuracy, frequency-weighted IoU,
 parameters, ms per training step), predictions.png (test image / ground truth / each model's
-prediction), learning_curves.png, and one sub-directory per model (metrics.jsonl,
-results.json, params.msgpack).
+prediction), learning_curves.png, and one `cnn.train.fit` run directory per model (config.json,
+metrics.jsonl, checkpoints/, results.json); rerunning resumes them.
 
 Recorded result (default config; `python -m experiments.segmentation --workdir runs/segmentation`,
 2026-11-26 02:35 UTC, quiet 2-core CPU, jax 0.10.2, 6 minutes; test split, 512 images):
@@ -54,8 +54,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cnn.train  # noqa: E402
 from cnn import data  # noqa: E402
-from cnn.tasks.segmentation import train as segmentation_train  # noqa: E402
+from cnn.tasks import segmentation  # noqa: E402
 from cnn.tasks.segmentation.voc import colorize  # noqa: E402
 
 COLUMNS = (
@@ -64,20 +65,53 @@ COLUMNS = (
 )
 
 
-def _select(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": batch["image"], "mask": batch["mask"]}
-
-
-def model_config(config: ml_collections.ConfigDict, name: str, mean, std) -> ml_collections.ConfigDict:
-    """The `cnn.tasks.segmentation.fit` config of one model of the experiment."""
+def model_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The `cnn.train.fit` config of one model of the experiment."""
     if name not in config.models:
         raise ValueError(f"config.model_names has {name!r} but config.models has no entry for it; "
                          f"entries: {sorted(config.models.keys())}")
-    run = ml_collections.ConfigDict(config.to_dict())
-    run.model = name
-    run.model_options = ml_collections.ConfigDict(config.models[name].to_dict())
-    run.normalize = ml_collections.ConfigDict({"mean": tuple(mean), "std": tuple(std)})
-    return run
+    steps = int(config.num_train_steps)
+    return ml_collections.ConfigDict({
+        "seed": int(config.seed),
+        "dataset": config.dataset,
+        "train_split": config.train_split,
+        "eval_split": config.eval_split,
+        "num_classes": int(config.num_classes),
+        "batch_size": int(config.batch_size),
+        "eval_batch_size": int(config.eval_batch_size),
+        "num_train_steps": steps,
+        "model": name,
+        "model_options": config.models[name].to_dict(),
+        "optimizer": config.optimizer.to_dict(),
+        "augment": segmentation.AUGMENTATION,
+        "augment_options": {**config.augment.to_dict(), "ignore_label": int(config.loss.ignore_label)},
+        "parallelism": config.parallelism,
+        "log_every_steps": int(config.log_every_steps),
+        "eval_every_steps": int(config.eval_every_steps) or steps,  # 0: only at the end
+        "checkpoint": {"max_to_keep": 1},
+        "progress": bool(config.progress),
+        "plot": False,
+    })
+
+
+def segmentation_task(config: ml_collections.ConfigDict, mean, std) -> cnn.train.Task:
+    """The experiment's task: its ignore label, normalization and class weighting."""
+    weighting = str(config.loss.class_weighting)
+    if weighting not in ("none", "median_frequency"):
+        raise ValueError(f"config.loss.class_weighting={weighting!r} must be 'none' or 'median_frequency'")
+    num_classes, ignore_label = int(config.num_classes), int(config.loss.ignore_label)
+    weights = None
+    if weighting == "median_frequency":
+        masks = data.get_source(config.dataset, config.train_split)["mask"]
+        weights = segmentation.median_frequency_weights(masks, num_classes, ignore_label=ignore_label)
+    return segmentation.segmentation_task(num_classes=num_classes, ignore_label=ignore_label, class_weights=weights,
+                                          mean=mean, std=std)
+
+
+def median_step_ms(history, batch_size: int) -> float:
+    """Median wall time of a training step over the logged windows after the first (compiling) one."""
+    rates = [r["train/examples_per_sec"] for r in history if "train/examples_per_sec" in r][1:]
+    return 1000 * float(np.median([batch_size / rate for rate in rates])) if rates else float("nan")
 
 
 def machine_description() -> str:
@@ -153,34 +187,24 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
     rows, histories, predictions, trained = [], {}, {}, {}
     raw = config.get("initialize_from")
     initialize_from = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
+    task = segmentation_task(config, mean, std)
+    predict = segmentation.make_predict_fn(mean, std)
     for name in config.model_names:
-        run = model_config(config, name, mean, std)
         source = initialize_from.get(name)
         if source is not None and source not in trained:
             raise ValueError(
                 f"config.initialize_from[{name!r}]={source!r} must be trained before it: put it earlier in "
                 f"config.model_names={tuple(config.model_names)}"
             )
-        train_batches = data.load(
-            config.dataset, config.train_split, int(config.batch_size), shuffle=True, seed=int(config.seed),
-            transform=_select,
-        )
-
-        def eval_batches():
-            return data.load(
-                config.dataset, config.eval_split, min(int(config.eval_batch_size), num_eval), shuffle=False,
-                drop_remainder=False, num_epochs=1, transform=_select,
-            )
-
-        masks = data.get_source(config.dataset, config.train_split)["mask"]
-        result = segmentation_train.fit(
-            run, workdir / name, train_batches=train_batches, eval_batches=eval_batches, class_weight_masks=masks,
-            num_predictions=shown, initial_params=None if source is None else trained[source],
-        )
+        # Yu & Koltun's staged training: the source's parameters where paths and shapes match
+        # (BatchNorm statistics restart and are re-estimated).
+        init = None if source is None else {"params": trained[source]}
+        result = cnn.train.fit(model_config(config, name), workdir / name, task=task, init_variables=init)
         trained[name] = result.state.params
-        predictions[name] = result.evaluation.predictions  # the first test images, in file order
-        histories[name] = result.history
-        metrics = result.evaluation.metrics
+        predictions[name] = np.asarray(predict(result.state, figure_images))  # the first test images
+        histories[name] = result.train_history + result.eval_history
+        metrics = result.final_eval
+        ms_per_step = median_step_ms(result.train_history, int(config.batch_size))
         rows.append({
             "model": name,
             "params": result.num_params,
@@ -188,11 +212,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
             "pixel_accuracy": metrics["pixel_accuracy"],
             "mean_accuracy": metrics["mean_accuracy"],
             "frequency_weighted_iou": metrics["frequency_weighted_iou"],
-            "ms_per_step": 1000 * result.seconds_per_step,
+            "ms_per_step": ms_per_step,
             "train_seconds": result.seconds,
         })
         print(f"{name}: test mIoU {metrics['mean_iou']:.4f}, {result.num_params:,} params, "
-              f"{1000 * result.seconds_per_step:.0f} ms/step", flush=True)
+              f"{ms_per_step:.0f} ms/step", flush=True)
 
     with (workdir / "results.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
@@ -208,8 +232,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
         f"{config.num_classes} classes incl. background), {config.num_train_steps} steps of batch "
         f"{config.batch_size}, {config.optimizer.name} lr {config.optimizer.learning_rate:g} "
         f"({config.optimizer.schedule}), seed {config.seed}. Metrics on the test split "
-        "(`cnn.metrics.segmentation`); ms/step is the mean wall time of a training step after the "
-        "first (compiled) one.",
+        "(`cnn.metrics.segmentation`); ms/step is the median wall time of a training step over the "
+        "logging windows after the first (compiling) one; train s includes compilation and evaluation.",
         "",
         f"Date {datetime.date.today().isoformat()}, machine: {machine_description()}.",
         "",

@@ -129,11 +129,13 @@ def validate_config(
     data_parallel: parallel_lib.DataParallel | None = None,
     *,
     check_optimizer: bool = True,
+    check_dataset: bool = True,
 ) -> None:
     """Checks a resolved config (`resolve_config`) before anything is compiled.
 
     `check_optimizer=False` leaves the optimizer fields to the caller, which builds the optimizer
-    itself before compiling (as `fit` does, once it knows the epoch length).
+    itself before compiling (as `fit` does, once it knows the epoch length); `check_dataset=False`
+    skips the dataset name (a run whose data come from its own factory).
 
     Raises:
       ValueError: an unknown model/dataset/dtype/parallelism/optimizer/augmentation, a batch size
@@ -151,7 +153,7 @@ def validate_config(
         raise ValueError(
             f"config.model={config.model!r} is not a registered model; choose one of {cnn.models.available()}"
         )
-    if config.dataset not in _known_datasets():
+    if check_dataset and config.dataset not in _known_datasets():
         raise ValueError(f"config.dataset={config.dataset!r} is unknown; choose one of {_known_datasets()}")
     if config.data_dir and not pathlib.Path(config.data_dir).expanduser().is_dir():
         raise FileNotFoundError(
@@ -242,26 +244,57 @@ def create_model(
     return model
 
 
+def _augment_factory(name: str):
+    """A `cnn.data.augment` op factory by name, or any factory given as "package.module:function"
+    (a task's own augmentation, e.g. "cnn.tasks.segmentation.task:segmentation_augmentation")."""
+    import importlib
+
+    from cnn.data import augment as augment_module
+
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute, None)
+        except ImportError as error:
+            raise ValueError(f"config.augment names {name!r}, whose module cannot be imported: {error}") from error
+        if not callable(factory):
+            raise ValueError(f"config.augment names {name!r}, but {module_name} has no callable {attribute!r}")
+        return factory
+    factory = getattr(augment_module, name, None)
+    if not callable(factory) or name.startswith("_"):
+        names = sorted(n for n in dir(augment_module) if n.startswith("random_") or n.endswith("_standard"))
+        raise ValueError(
+            f"config.augment={name!r} is not an op factory of cnn.data.augment; e.g. one of {names}, "
+            "or 'package.module:function'"
+        )
+    return factory
+
+
 def augment_fn_from_config(config: ml_collections.ConfigDict) -> steps_lib.AugmentFn | None:
-    """The train-step hook for `config.augment` (a `cnn.data.augment` op factory) and its
-    options, or None when `config.augment` is empty."""
+    """The train-step hook for `config.augment`, or None when it is empty.
+
+    `config.augment` names one op factory (`cnn.data.augment.<name>` or "package.module:function")
+    called with `config.augment_options`, or several separated by commas, composed in that order,
+    each called with `config.augment_options[<name>]` (default: no arguments).
+    """
     if not config.augment:
         return None
     from cnn.data import augment as augment_module
 
-    factory = getattr(augment_module, config.augment, None)
-    if not callable(factory) or config.augment.startswith("_"):
-        names = sorted(n for n in dir(augment_module) if n.startswith("random_") or n.endswith("_standard"))
-        raise ValueError(
-            f"config.augment={config.augment!r} is not an op factory of cnn.data.augment; e.g. one of {names}"
-        )
-    try:
-        op = factory(**dict(config.augment_options))
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"config.augment={config.augment!r} rejected config.augment_options={dict(config.augment_options)}: {error}"
-        ) from error
-    return steps_lib.make_augment_fn(op)
+    names = [name.strip() for name in str(config.augment).split(",") if name.strip()]
+    given = config.augment_options.to_dict() if hasattr(config.augment_options, "to_dict") else dict(config.augment_options)
+    ops = []
+    for name in names:
+        options = given if len(names) == 1 else dict(given.get(name, {}))
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        try:
+            ops.append(_augment_factory(name)(**options))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.augment={name!r} rejected its options {options}: {error}") from error
+    ops = [op for op in ops if op is not None]  # a factory may return None: nothing to do
+    if not ops:
+        return None
+    return steps_lib.make_augment_fn(ops[0] if len(ops) == 1 else augment_module.compose(ops))
 
 
 __all__ = [

@@ -505,7 +505,7 @@ def fit(
     task = task or task_from_config(config)
     config.task_options = ml_collections.ConfigDict(task.record())
     data_parallel = parallel_lib.DataParallel.create(config.parallelism)
-    validate_config(config, data_parallel, check_optimizer=False)
+    validate_config(config, data_parallel, check_optimizer=False, check_dataset=datasets is None)
     _warn_if_gpu_nondeterministic(config)
     workdir, primary = pathlib.Path(workdir).absolute(), parallel_lib.is_primary()
 

@@ -3,20 +3,19 @@
     python -m experiments.detection --workdir runs/detection
     python -m experiments.detection --workdir runs/detection --config.num_train_steps=3000  # shorter, mAP about 0.78
 
-The fields `cnn.tasks.detection.train.fit` reads start from its `default_config()`; `data`,
-`class_names`, `eval_batch_size` and `num_figure_images` are read by `experiments/detection.py`.
+`experiments/detection.py` turns this into a `cnn.train.fit` config (seed, model, batch size,
+steps, optimizer, augmentation, logging) and the detection task (grid, loss weights, decoding,
+VOC evaluation); `data`, `class_names` and `num_figure_images` are its own.
 """
 
 import ml_collections
-
-from cnn.tasks.detection.train import default_config
 
 SHAPE_NAMES = ("circle", "square", "triangle")
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The recorded run (its mAP@0.5 is in experiments/detection.py's docstring)."""
-    config = default_config()
+    config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = "yolo_v1_tiny"
     # The paper's dropout 0.5 after fc1 slows a short run badly (test mAP@0.5 0.20 instead of
@@ -40,15 +39,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 32
     # test mAP@0.5 after 3000 / 5000 steps (cosine schedule over the run): 0.78 / 0.93
     config.num_train_steps = 5000
-    config.optimizer.update({"name": "adam", "learning_rate": 1e-3, "schedule": "cosine", "warmup_steps": 100,
-                             "grad_clip_norm": 10.0, "weight_decay": 0.0})
-    config.loss.update({"lambda_coord": 5.0, "lambda_noobj": 0.5, "rescore": True})
+    config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3, "schedule": "cosine",
+                                                  "warmup_steps": 100, "grad_clip_norm": 10.0, "weight_decay": 0.0})
+    config.loss = ml_collections.ConfigDict({"lambda_coord": 5.0, "lambda_noobj": 0.5, "rescore": True})
     # The paper's augmentation (random scaling and translation, there up to 20% of the image
     # size) at 10%, plus mirroring.
-    config.augment.update({"scale": 0.1, "shift": 0.1, "flip": True})
-    config.detect.update({"score_threshold": 0.01, "iou_threshold": 0.5, "max_per_class": 10, "max_detections": 20})
-    config.eval.update({"iou_threshold": 0.5, "method": "voc2010"})
+    config.augment = ml_collections.ConfigDict({"scale": 0.1, "shift": 0.1, "flip": True})
+    config.detect = ml_collections.ConfigDict(
+        {"score_threshold": 0.01, "iou_threshold": 0.5, "max_per_class": 10, "max_detections": 20}
+    )
+    config.eval = ml_collections.ConfigDict({"iou_threshold": 0.5, "method": "voc2010"})
     config.eval_batch_size = 128
+    config.parallelism = "auto"
     config.log_every_steps = 50
     config.eval_every_steps = 1000
     config.progress = True
@@ -65,6 +67,7 @@ def get_tiny_config() -> ml_collections.ConfigDict:
     config.num_train_steps = 40
     config.optimizer.warmup_steps = 5
     config.eval_batch_size = 32
+    config.parallelism = "single"
     config.log_every_steps = 10
     config.eval_every_steps = 0
     config.progress = False

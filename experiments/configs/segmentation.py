@@ -67,6 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.initialize_from = ml_collections.ConfigDict({"dilated_context": "dilated_frontend"})
     config.augment = ml_collections.ConfigDict({"flip_horizontal": True, "flip_vertical": True, "max_shift": 0})
     config.eval_batch_size = 128
+    config.parallelism = "auto"  # cnn.train.fit's: every local device
     config.log_every_steps = 50
     config.eval_every_steps = 250
     config.progress = True
@@ -88,6 +89,7 @@ def get_tiny_config() -> ml_collections.ConfigDict:
     config.num_train_steps = 3
     config.optimizer.warmup_steps = 1
     config.eval_batch_size = 32
+    config.parallelism = "single"
     config.log_every_steps = 1
     config.eval_every_steps = 0
     config.progress = False

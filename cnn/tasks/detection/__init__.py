@@ -7,8 +7,9 @@
     dets = detection.detect(predictions, spec=spec, image_size=(448, 448))
 
 The network itself is `cnn.models.create("yolo_v1")` / `"yolo_v1_tiny"` (`cnn/models/yolo.py`);
-the VOC mAP is `cnn.metrics.detection`. Training lives in `cnn.tasks.detection.train` (imported on
-demand, since it pulls in the training engine).
+the VOC mAP is `cnn.metrics.detection`. Training is `cnn.train.fit(config, workdir,
+task=cnn.tasks.detection.task.detection_task(spec, image_size=...))` (the task module is imported
+on demand, since it pulls in the training engine).
 """
 
 from cnn.tasks.detection import boxes, nms, voc  # modules (the NMS function is nms.nms)

@@ -1,10 +1,10 @@
-"""Semantic segmentation: per-pixel loss with an ignore label, VOC data, training and evaluation.
+"""Semantic segmentation: per-pixel loss with an ignore label, VOC data, the segmentation Task.
 
     from cnn.tasks import segmentation
     loss = segmentation.pixel_cross_entropy(logits, masks)                # ignore label 255
     source = segmentation.voc.VOCSegmentation("~/data/VOCdevkit", "train", size=(320, 320))
-    step = cnn.train.compile_single(segmentation.make_train_step(num_classes=21))
-    result = segmentation.evaluate(state, batches, num_classes=21)       # mIoU, confusion matrix
+    task = segmentation.segmentation_task(num_classes=21)
+    result = cnn.train.fit(config, "runs/fcn8s", task=task)             # mIoU, confusion matrix
 
 Models (registered in `cnn.models`): "fcn32s", "fcn16s", "fcn8s", "segnet", "unet",
 "dilated_frontend", "dilated_context". Metrics: `cnn.metrics.segmentation`.
@@ -17,37 +17,25 @@ from cnn.tasks.segmentation.loss import (
     per_pixel_cross_entropy,
     pixel_cross_entropy,
 )
-from cnn.tasks.segmentation.train import (
-    EvaluationResult,
-    FitResult,
-    default_config,
-    evaluate,
-    fit,
-    init_state,
-    make_augmentation,
-    make_eval_step,
+from cnn.tasks.segmentation.task import (
+    AUGMENTATION,
     make_predict_fn,
-    make_train_step,
-    overlay_params,
-    preprocess_images,
+    normalize_images,
+    segmentation_augmentation,
+    segmentation_task,
+    summarize_segmentation,
 )
 
 __all__ = [
+    "AUGMENTATION",
     "IGNORE_LABEL",
-    "EvaluationResult",
-    "FitResult",
-    "default_config",
-    "evaluate",
-    "fit",
-    "init_state",
-    "make_augmentation",
-    "make_eval_step",
     "make_predict_fn",
-    "make_train_step",
     "median_frequency_weights",
-    "overlay_params",
+    "normalize_images",
     "per_pixel_cross_entropy",
     "pixel_cross_entropy",
-    "preprocess_images",
+    "segmentation_augmentation",
+    "segmentation_task",
+    "summarize_segmentation",
     "voc",
 ]

@@ -34,9 +34,9 @@ def test_experiment_runs_end_to_end_on_a_tiny_config(tmp_path):
             assert 0.0 <= row[name] <= 1.0
         assert row["ms_per_step"] > 0
         saved = json.loads((tmp_path / row["model"] / "results.json").read_text())
-        assert saved["mean_iou"] == pytest.approx(row["mean_iou"])
-        assert saved["steps"] == config.num_train_steps
-        assert sum(map(sum, saved["confusion"])) == 32 * 32 * 32  # every test pixel of test[:32]
+        assert saved["final_eval"]["mean_iou"] == pytest.approx(row["mean_iou"])
+        assert saved["steps"] == config.num_train_steps and saved["task"]["name"] == "segmentation"
+        assert sum(map(sum, saved["final_eval"]["confusion"])) == 32 * 32 * 32  # every test pixel of test[:32]
     for name in ("results.md", "predictions.png", "learning_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     with (tmp_path / "results.csv").open() as file:
