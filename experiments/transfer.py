@@ -152,8 +152,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
             if mode != "scratch":
                 model = cnn.models.create(engine.model, num_classes=target_info.num_classes, **_options(engine))
                 start = transfer.swap_head(variables, model, rng=int(seed) + 1000, input_shape=input_shape, head=head)
-                transfer.warm_start(engine, run_dir, start, datasets=datasets)
-            result = train.fit(engine, run_dir, datasets=datasets)
+            else:
+                start = None
+            result = train.fit(engine, run_dir, datasets=datasets, init_variables=start)
             final = result.final_eval
             runs[mode].append({"seed": int(seed), "accuracy": final["accuracy"], "loss": final["loss"]})
             if mode not in costs:

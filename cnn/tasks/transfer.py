@@ -18,8 +18,7 @@ run is an ordinary `cnn.train.fit` run:
     config = transfer_config(base_config, "finetune", head=head, trunk_lr_fraction=0.1)
     model = cnn.models.create(config.model, num_classes=10, **config.model_options)
     variables = swap_head(source, model, rng=0, input_shape=(28, 28, 1), head=head)
-    warm_start(config, "runs/finetune", variables)                # checkpoint 0 = pretrained trunk
-    result = cnn.train.fit(config, "runs/finetune")
+    result = cnn.train.fit(config, "runs/finetune", init_variables=variables)   # pretrained trunk
 
 Frozen BatchNorm statistics in extraction mode (a choice, documented here): the engine's train
 step runs the model with `train=True`, which would normalize the frozen trunk with the
@@ -47,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -68,9 +66,9 @@ from cnn.models import convert
 from cnn.models.registry import register
 from cnn.train import optim as optim_lib
 from cnn.train import steps as steps_lib
-from cnn.train.checkpoint import ITEMS, Checkpointer
-from cnn.train.loop import DTYPES, resolve_config
-from cnn.train.state import TrainState, create_train_state, to_host
+from cnn.train.checkpoint import ITEMS
+from cnn.train.config import resolve_config
+from cnn.train.state import TrainState, create_train_state
 
 MODES = ("extraction", "finetune", "scratch")
 HEAD = "head"
@@ -378,93 +376,6 @@ def swap_head(
 
 
 # ------------------------------------------------------------------------------------------------
-# Starting a `fit` run from given variables
-
-
-def warm_start(
-    config: ml_collections.ConfigDict | Mapping[str, Any],
-    workdir: str | os.PathLike,
-    variables: Mapping[str, Any],
-    *,
-    datasets: Callable[..., Any] | None = None,
-) -> bool:
-    """Makes `cnn.train.fit(config, workdir)` start from `variables` instead of a random init.
-
-    Writes checkpoint 0 of the run: the state `fit` would create (same model, optimizer, seed,
-    input position) with `variables` as its params and BatchNorm statistics and a fresh optimizer
-    state. `fit` then resumes from it, so logging, evaluation, checkpoints and exact resumption
-    all work as for any run. A workdir that already has checkpoints is left alone (the run
-    resumes from its own latest checkpoint).
-
-    Args:
-      config: the run's engine config (as passed to `fit`).
-      workdir: the run directory.
-      variables: `{"params": ..., "batch_stats": ...}` for `config.model` (e.g. from `swap_head`).
-      datasets: the same dataset factory that will be passed to `fit` (default `cnn.data.load`).
-
-    Returns:
-      True if checkpoint 0 was written, False if the run already had checkpoints.
-
-    Raises:
-      ValueError: `variables` do not have the structure and shapes of the model's.
-    """
-    config = resolve_config(config)
-    checkpoints = pathlib.Path(workdir).absolute() / "checkpoints"
-    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-        return False
-    if datasets is None:
-        from cnn import data as data_lib
-
-        def datasets(split: str, **kwargs: Any):
-            if config.data_dir:
-                kwargs["data_dir"] = config.data_dir
-            return data_lib.load(config.dataset, split, **kwargs)
-
-    seed = int(config.seed)
-    data_seed = seed if int(config.data_seed) < 0 else int(config.data_seed)
-    # The iterator exactly as `fit` creates it, for its starting position and the input shape.
-    train_iter = datasets(
-        config.train_split, batch_size=int(config.batch_size), shuffle=True, seed=data_seed,
-        drop_remainder=True, num_epochs=None, shard_index=jax.process_index(), num_shards=jax.process_count(),
-    )
-    position = train_iter.get_state()
-    input_shape = (1,) + tuple(np.shape(next(train_iter)["image"])[1:])
-    steps_per_epoch = int(train_iter.steps_per_epoch)
-    total_steps = int(config.num_train_steps) or max(1, int(math.ceil(float(config.num_epochs) * steps_per_epoch)))
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.to_dict().items()}
-    model = cnn.models.create(
-        config.model, num_classes=int(config.num_classes), dtype=DTYPES[config.dtype], param_dtype=jnp.float32, **options
-    )
-    tx, _ = optim_lib.make_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    state = create_train_state(model, tx, rng=seed, input_shape=input_shape)
-    params = _fit_to(state.params, variables.get("params", {}), "params")
-    batch_stats = _fit_to(state.batch_stats, variables.get("batch_stats", {}), "batch_stats")
-    state = state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
-    checkpointer = Checkpointer(checkpoints, max_to_keep=max(1, int(config.checkpoint.max_to_keep)), async_save=False)
-    try:
-        checkpointer.save(0, to_host(state), data_state=position, loop_state={})
-    finally:
-        checkpointer.close()
-    return True
-
-
-def _fit_to(template: Any, values: Mapping[str, Any], what: str) -> Any:
-    """`values` cast into the structure and dtypes of `template`; ValueError naming mismatches."""
-    flat_template, flat_values = _flat(template or {}), _flat(values or {})
-    if set(flat_template) != set(flat_values):
-        missing = sorted(set(flat_template) - set(flat_values))
-        extra = sorted(set(flat_values) - set(flat_template))
-        raise ValueError(f"variables[{what!r}] does not match the model: missing {missing[:10]}, unexpected {extra[:10]}")
-    out = {}
-    for path, like in flat_template.items():
-        value = np.asarray(flat_values[path])
-        if value.shape != tuple(like.shape):
-            raise ValueError(f"variables[{what!r}][{path!r}] has shape {value.shape}, the model needs {tuple(like.shape)}")
-        out[path] = jnp.asarray(value, like.dtype)
-    return flax.traverse_util.unflatten_dict(out, sep="/") if out else template
-
-
-# ------------------------------------------------------------------------------------------------
 # Data: few labels per class
 
 
@@ -686,5 +597,4 @@ __all__ = [
     "transfer_config",
     "transfer_model",
     "transfer_param_groups",
-    "warm_start",
 ]

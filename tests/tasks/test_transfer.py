@@ -304,7 +304,17 @@ def test_transfer_experiment_tiny_end_to_end(tmp_path):
     for mode in transfer.MODES:
         assert f"| {mode} |" in table
     modes = results["modes"]
-    # The extraction run started from the pretrained trunk and did not move it (warm start + freeze).
+    # Every mode starts from fit's init_variables: no step-0 checkpoint is written; the pretrained
+    # modes take every variable of the swapped-head model, scratch none.
+    for mode in transfer.MODES:
+        run = tmp_path / f"{mode}_seed0"
+        assert "0" not in [p.name for p in (run / "checkpoints").iterdir()], mode
+        overlaid = json.loads((run / "results.json").read_text())["init_variables"]
+        if mode == "scratch":
+            assert overlaid is None
+        else:
+            assert overlaid["copied"] == overlaid["total"] > 0, (mode, overlaid)
+    # The extraction run started from the pretrained trunk and did not move it (init + freeze).
     pretrained, _ = transfer.load_run_variables(tmp_path / "pretrain")
     extracted, _ = transfer.load_run_variables(tmp_path / "extraction_seed0")
     for tree in ("params", "batch_stats"):
