@@ -4,6 +4,8 @@
     result = train.fit(config, "runs/x")                       # classification (the default task)
     result = train.fit(config, "runs/y", task=my_task)         # any train.Task
     result.final_eval, result.state.params
+    config.ensemble.size = 8                                   # 8 seeds as one compiled program
+    train.ensemble.member(train.fit(config, "runs/z").state, 3)  # member 3 as a single-model state
 
     # Or assemble a loop yourself:
     tx, schedule = train.make_optimizer(config.optimizer, steps_per_epoch=..., total_steps=...)
@@ -14,11 +16,13 @@
     device_state, metrics = step(device_state, parallel.put_batch(batch))
 
 Files: task.py (what differs between tasks), steps.py (the pure steps), parallel.py (devices and
-compilation), config.py (the config `fit` reads), loop.py (`fit`, `evaluate`), run_log.py
-(metrics.jsonl, TensorBoard, plots), checkpoint.py (Orbax), state.py, optim.py.
+compilation), ensemble.py (members vmapped in one program), config.py (the config `fit` reads),
+loop.py (`fit`, `evaluate`), run_log.py (metrics.jsonl, TensorBoard, plots), checkpoint.py
+(Orbax), state.py, optim.py.
 Command line: `python -m cnn.train --config experiments/configs/train_digits.py --workdir runs/x`.
 """
 
+from cnn.train import ensemble
 from cnn.train.checkpoint import Checkpointer, restore_state
 from cnn.train.config import DTYPES, default_config, resolve_config, validate_config
 from cnn.train.loop import (
@@ -66,6 +70,7 @@ __all__ = [
     "cross_entropy_loss",
     "default_compiler_options",
     "default_config",
+    "ensemble",
     "evaluate",
     "fit",
     "is_primary",

@@ -81,6 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
             "async_save": True,
         }
     )
+    # M models trained as one program (cnn.train.ensemble): seeds seed .. seed+M-1 (or `seeds`);
+    # data "shared" (paired: same batches for every member) or "per_member" (each its own order);
+    # shard "auto" | "member" | "batch": what a "sharded" run splits over the devices.
+    config.ensemble = ml_collections.ConfigDict({"size": 1, "seeds": (), "data": "shared", "shard": "auto"})
     config.on_mismatch = "error"  # a workdir made by another config: "error" | "restart" | "extend"
     config.deterministic = True  # GPU: needs XLA_FLAGS=--xla_gpu_deterministic_ops=true (the CLI sets it)
     config.progress = True  # tqdm bar (process 0)

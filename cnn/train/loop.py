@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn.train import optim, parallel as parallel_lib, steps as steps_lib
+from cnn.train import ensemble as ensemble_lib, optim, parallel as parallel_lib, steps as steps_lib
 from cnn.train.checkpoint import Checkpointer, tree_is_finite
 from cnn.train.config import (
     DTYPES,
@@ -120,9 +120,9 @@ def evaluate(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     task: Task = CLASSIFICATION,
-    data_parallel: parallel_lib.DataParallel | None = None,
+    data_parallel: Any = None,
     eval_step: Callable | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The task's summary (`task.summarize`) of `state` over all examples of `batches`.
 
     Args:
@@ -130,12 +130,14 @@ def evaluate(
       batches: global batches with the task's `batch_keys`; the first batch's size is the padded
         size of every batch (short final batches are padded and marked by `PADDING_KEY`).
       task: what is evaluated (classification: `{"loss", "accuracy", "count"}`).
-      data_parallel: the layout (default "single").
+      data_parallel: the layout (default "single"); an `ensemble.EnsembleParallel` evaluates
+        every member (`members` in the result, with the mean and `std` of each metric).
       eval_step: a compiled `make_eval_step(task)` for that layout (built when None).
     """
     data_parallel = data_parallel or parallel_lib.DataParallel.create("single")
     if eval_step is None:
         eval_step = data_parallel.compile_eval(steps_lib.make_eval_step(task, axis_name=data_parallel.axis_name))
+    members = isinstance(data_parallel, ensemble_lib.EnsembleParallel)
     totals: dict[str, Any] = {}
     gathered: dict[str, list[np.ndarray]] = {key: [] for key in task.gather_keys}
     size = None
@@ -148,17 +150,32 @@ def evaluate(
         padded = _pad_batch(batch, size)
         rows = size // processes
         local = {key: value[process * rows : (process + 1) * rows] for key, value in padded.items()}
-        outputs = data_parallel.get_eval_outputs(eval_step(state, data_parallel.put_batch(local)), task.gather_keys)
+        placed = data_parallel.put_batch(local, member_axis=False) if members else data_parallel.put_batch(local)
+        outputs = data_parallel.get_eval_outputs(eval_step(state, placed), task.gather_keys)
         real = padded[PADDING_KEY] > 0
         for key, value in outputs.items():
             if key in gathered:
-                gathered[key].append(value[real])
+                gathered[key].append(value[:, real] if members else value[real])
             else:
                 totals[key] = totals.get(key, 0) + value
     if size is None:
         raise ValueError("evaluate: `batches` yielded no batch")
-    totals.update({key: np.concatenate(parts) for key, parts in gathered.items()})
-    return task.summarize(totals)
+    totals.update({key: np.concatenate(parts, axis=1 if members else 0) for key, parts in gathered.items()})
+    if not members:
+        return task.summarize(totals)
+    summaries = [task.summarize({k: v[i] for k, v in totals.items()}) for i in range(data_parallel.ensemble.size)]
+    return summarize_members(summaries)
+
+
+def summarize_members(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """An ensemble's evaluation: each numeric metric's mean over members, its `std` (ddof 1) and
+    every member's own summary under `members`."""
+    numeric = [k for k, v in summaries[0].items() if _is_number(v)]
+    values = {k: np.array([float(s[k]) for s in summaries]) for k in numeric}
+    result: dict[str, Any] = {k: float(v.mean()) for k, v in values.items()}
+    result["std"] = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    result["members"] = [dict(s) for s in summaries]
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,16 +207,30 @@ class RunLength:
 
 
 class RunData:
-    """The run's input: a resumable training iterator (this process's rows of each global batch)
-    and fresh evaluation iterators, both reduced to the task's batch keys."""
+    """The run's input: a resumable training iterator (this process's rows of each global batch;
+    one per member for an ensemble with `data="per_member"`, batches stacked `[M, b, ...]`) and
+    fresh evaluation iterators, both reduced to the task's batch keys."""
 
-    def __init__(self, config: ml_collections.ConfigDict, task: Task, datasets: DatasetFactory | None):
+    def __init__(self, config: ml_collections.ConfigDict, task: Task, datasets: DatasetFactory | None,
+                 ensemble: ensemble_lib.Ensemble | None = None):
         self.config, self.task = config, task
         self.datasets = datasets or _default_datasets(config)
-        seed = int(config.seed) if int(config.data_seed) < 0 else int(config.data_seed)
-        self.train = self.datasets(
-            config.train_split,
-            batch_size=int(config.batch_size),
+        seeds = ensemble.seeds if ensemble is not None else (int(config.seed),)
+        if int(config.data_seed) >= 0:
+            seeds = (int(config.data_seed),)  # one input order for every member
+        elif ensemble is None or ensemble.data == "shared":
+            seeds = seeds[:1]
+        iterators = [self._train_iterator(seed) for seed in seeds]
+        self.train = iterators[0] if len(iterators) == 1 else ensemble_lib.MemberBatches(iterators)
+        start = iterators[0].get_state()
+        example = task.select(next(iterators[0]))
+        iterators[0].set_state(start)
+        self.input_shape = (1,) + tuple(np.shape(example[task.input_key])[1:])
+
+    def _train_iterator(self, seed: int):
+        return self.datasets(
+            self.config.train_split,
+            batch_size=int(self.config.batch_size),
             shuffle=True,
             seed=seed,
             drop_remainder=True,
@@ -207,10 +238,6 @@ class RunData:
             shard_index=jax.process_index(),
             num_shards=jax.process_count(),
         )
-        position = self.train.get_state()
-        example = task.select(next(self.train))
-        self.train.set_state(position)
-        self.input_shape = (1,) + tuple(np.shape(example[task.input_key])[1:])
 
     def next_batch(self) -> dict[str, np.ndarray]:
         return self.task.select(next(self.train))
@@ -272,6 +299,7 @@ def compiled_steps(config, task: Task, model, data_parallel, augment_fn, length:
             json.dumps(config.augment_options.to_dict(), sort_keys=True, default=str),
             data_parallel.mode,
             data_parallel.use_shard_map,
+            getattr(data_parallel, "ensemble", None),
             tuple(device.id for device in jax.devices()),
         )
         hash(key)
@@ -318,11 +346,12 @@ def overlay_variables(variables: Mapping[str, Any], source: Mapping[str, Any]) -
 
 
 def initial_state(
-    model, tx, *, seed: int, input_shape: Sequence[int], init_variables: Mapping[str, Any] | None
+    model, tx, *, seed: int | Sequence[int], input_shape: Sequence[int], init_variables: Mapping[str, Any] | None
 ) -> tuple[TrainState, dict[str, int] | None]:
     """The host state at step 0: the model's init from `seed`, with `init_variables` (Flax
     variables, e.g. a pretrained trunk) laid over it where paths and shapes match; the optimizer
-    state is initialized from the resulting parameters.
+    state is initialized from the resulting parameters. A sequence of seeds gives an ensemble's
+    state: each member's, stacked on a leading axis.
 
     Returns:
       `(state, {"copied": n, "total": m})`, the second None without `init_variables`.
@@ -330,6 +359,10 @@ def initial_state(
     Raises:
       ValueError: `init_variables` shares no leaf with the model.
     """
+    if not isinstance(seed, int):  # an ensemble: one state per member seed, stacked
+        states = [initial_state(model, tx, seed=s, input_shape=input_shape, init_variables=init_variables)
+                  for s in seed]
+        return ensemble_lib.stack([state for state, _ in states]), states[0][1]
     state = to_host(create_train_state(model, tx, rng=seed, input_shape=input_shape))
     if init_variables is None:
         return state, None
@@ -351,85 +384,113 @@ def initial_state(
 
 
 class Training:
-    """One run in progress: the device state, the metric window, logs, checkpoints, the bar.
+    """One run in progress: the device state, the metric windows, logs, checkpoints, the bar.
 
     `fit` drives it step by step; each method does one thing of the loop. Training metrics are
-    read one step late (`_pending`), so that reading them does not stall the device.
+    read one step late (`_pending`), so that reading them does not stall the device. An
+    ensemble keeps one metric window per member and logs one record per member and step.
     """
 
     def __init__(self, *, config, task, data_parallel, data: RunData, length: RunLength, state, steps,
                  checkpointer: Checkpointer, logger: RunLogger, loop_state: Mapping[str, Any], primary: bool):
         self.config, self.task, self.data_parallel, self.data, self.length = config, task, data_parallel, data, length
+        ensemble = getattr(data_parallel, "ensemble", None)
+        self.seeds = ensemble.seeds if ensemble is not None else None
         self.state = data_parallel.put_state(state)
+        self.augment_rng = data_parallel.put_augment_rng(state.rng) if ensemble is not None else None
         self.train_step, self.eval_step = steps
         self.checkpointer, self.logger = checkpointer, logger
-        self.window = MetricWindow(loop_state.get("window"))
+        saved = loop_state.get("windows") or [loop_state.get("window")]
+        self.windows = [MetricWindow(saved[i] if i < len(saved) else None) for i in range(len(self.seeds or (0,)))]
         self._pending: tuple[int, Any] | None = None
-        self.progress = tqdm(total=length.total_steps, initial=int(state.step), desc=f"train {config.model}",
-                             unit="step", disable=not (primary and config.progress), dynamic_ncols=True)
+        step = int(np.asarray(state.step).reshape(-1)[0])
+        self.progress = tqdm(total=length.total_steps, initial=step, desc=f"train {config.model}", unit="step",
+                             disable=not (primary and config.progress), dynamic_ncols=True)
+
+    @property
+    def members(self) -> list[int | None]:
+        """Member indices to log (`[None]` for a single run: records carry no member field)."""
+        return [None] if self.seeds is None else list(range(len(self.seeds)))
 
     def step(self, step: int) -> None:
         """Dispatches training step `step` and reads the previous step's metrics meanwhile."""
         batch = self.data_parallel.put_batch(self.data.next_batch())
-        self.state, device_metrics = self.train_step(self.state, batch)
+        extra = () if self.augment_rng is None else (self.augment_rng,)
+        self.state, device_metrics = self.train_step(self.state, batch, *extra)
         self.consume_pending()
         self._pending = (step, device_metrics)
         self.progress.update(1)
 
     def consume_pending(self) -> None:
-        """Adds the last dispatched step's metrics to the window (the NaN guard looks here)."""
+        """Adds the last dispatched step's metrics to the windows (the NaN guard looks here)."""
         if self._pending is None:
             return
         step, device_metrics = self._pending
         self._pending = None
         metrics = self.data_parallel.get_metrics(device_metrics)
-        for key, what in (("loss", "the training loss"), ("grad_norm", "the gradient norm")):
-            if not math.isfinite(metrics[key]):
-                self.stop_non_finite(step, metrics[key], what, metrics.get("learning_rate"))
-        self.window.add(metrics)
+        for index, window in zip(self.members, self.windows):
+            values = {k: float(v if index is None else v[index]) for k, v in metrics.items()}
+            for key, what in (("loss", "the training loss"), ("grad_norm", "the gradient norm")):
+                if not math.isfinite(values[key]):
+                    self.stop_non_finite(step, values[key], what, values.get("learning_rate"), member=index)
+            window.add(values)
 
     def log(self, step: int) -> None:
         self.consume_pending()
-        summary = self.window.summary(int(self.config.batch_size))
-        self.logger.write(step, summary)
-        shown = {"loss": f"{summary['train/loss']:.4f}"}
-        if f"train/{self.task.progress_metric}" in summary:
-            shown[self.task.progress_metric[:8]] = f"{summary[f'train/{self.task.progress_metric}']:.3f}"
-        self.progress.set_postfix(**shown, ex_per_s=f"{summary['train/examples_per_sec']:.0f}")
-        self.window.reset()
+        summaries = [window.summary(int(self.config.batch_size)) for window in self.windows]
+        for index, summary in zip(self.members, summaries):
+            self.logger.write(step, summary, member=index)
+        mean = {k: float(np.mean([s[k] for s in summaries])) for k in summaries[0]}
+        shown = {"loss": f"{mean['train/loss']:.4f}"}
+        if f"train/{self.task.progress_metric}" in mean:
+            shown[self.task.progress_metric[:8]] = f"{mean[f'train/{self.task.progress_metric}']:.3f}"
+        self.progress.set_postfix(**shown, ex_per_s=f"{mean['train/examples_per_sec'] * len(summaries):.0f}")
+        for window in self.windows:
+            window.reset()
 
-    def evaluate(self, step: int | None = None) -> dict[str, float]:
-        """The task's summary on the eval split; logged under "eval/" at `step` (if given)."""
+    def evaluate(self, step: int | None = None) -> dict[str, Any]:
+        """The task's summary on the eval split (per member and their mean for an ensemble);
+        logged under "eval/" at `step` (if given)."""
         self.consume_pending()
         result = evaluate(self.state, self.data.eval_batches(), task=self.task, data_parallel=self.data_parallel,
                           eval_step=self.eval_step)
         if step is not None:
-            self.logger.write(step, {f"eval/{k}": v for k, v in result.items() if _is_number(v)})
+            for index, summary in zip(self.members, result.get("members", [result])):
+                self.logger.write(step, {f"eval/{k}": v for k, v in summary.items() if _is_number(v)}, member=index)
         return result
 
-    def save(self, step: int, eval_metrics: Mapping[str, float] | None) -> None:
+    def save(self, step: int, eval_metrics: Mapping[str, Any] | None) -> None:
+        """Checkpoints the state, the input position and the windows (an ensemble's best
+        checkpoint is ranked by the members' mean metric)."""
         self.consume_pending()
         host = self.data_parallel.get_state(self.state)
         if not tree_is_finite(host.params):
             self.stop_non_finite(step, float("nan"), "a parameter updated by this step")
         metrics = None if eval_metrics is None else {f"eval/{k}": v for k, v in eval_metrics.items() if _is_number(v)}
-        self.checkpointer.save(step, host, data_state=self.data.train.get_state(),
-                               loop_state={"window": self.window.to_json()}, metrics=metrics)
+        windows = [window.to_json() for window in self.windows]
+        loop_state = {"window": windows[0]} if self.seeds is None else {"windows": windows}
+        self.checkpointer.save(step, host, data_state=self.data.train.get_state(), loop_state=loop_state,
+                               metrics=metrics)
 
-    def stop_non_finite(self, step: int, value: float, what: str, learning_rate: float | None = None) -> None:
-        """Raises NonFiniteLossError; `what` describes the non-finite quantity at `step`."""
+    def stop_non_finite(self, step: int, value: float, what: str, learning_rate: float | None = None,
+                        member: int | None = None) -> None:
+        """Raises NonFiniteLossError; `what` describes the non-finite quantity at `step`. An
+        ensemble stops as a whole (its members share one program and one checkpoint)."""
         self.checkpointer.wait()
         good = self.checkpointer.latest_step()
         directory = self.checkpointer.step_directory(good) if good is not None else None
         where = f"last good checkpoint: {directory} (step {good})" if good is not None else "no checkpoint was saved before it"
+        who = "" if member is None else f" of ensemble member {member} (seed {self.seeds[member]})"
         self.close()
-        raise NonFiniteLossError(
-            f"training stopped at step {step}: {what} is {value}; {where}. "
+        error = NonFiniteLossError(
+            f"training stopped at step {step}: {what}{who} is {value}; {where}. "
             + (f"The learning rate at that step was {learning_rate:g}. " if learning_rate is not None else "")
             + "Lower config.optimizer.learning_rate (or its schedule) or set config.optimizer.grad_clip_norm, "
             "then resume from that checkpoint or restart.",
             step=step, value=value, last_checkpoint=directory,
         )
+        error.member = member
+        raise error
 
     def close(self) -> None:
         self.progress.close()
@@ -505,16 +566,19 @@ def fit(
     task = task or task_from_config(config)
     config.task_options = ml_collections.ConfigDict(task.record())
     data_parallel = parallel_lib.DataParallel.create(config.parallelism)
+    ensemble = ensemble_lib.Ensemble.from_config(config, data_parallel.num_devices)
+    if ensemble is not None:
+        data_parallel = ensemble_lib.EnsembleParallel.create(data_parallel, ensemble)
     validate_config(config, data_parallel, check_optimizer=False, check_dataset=datasets is None)
     _warn_if_gpu_nondeterministic(config)
     workdir, primary = pathlib.Path(workdir).absolute(), parallel_lib.is_primary()
 
-    data = RunData(config, task, datasets)
+    data = RunData(config, task, datasets, ensemble)
     length = RunLength.from_config(config, int(data.train.steps_per_epoch))
     model = create_model(config, task, data_parallel, data.input_shape)
     tx, _, train_step, eval_step = compiled_steps(config, task, model, data_parallel, augment_fn, length)
-    state, overlaid = initial_state(model, tx, seed=int(config.seed), input_shape=data.input_shape,
-                                    init_variables=init_variables)
+    seeds = int(config.seed) if ensemble is None else ensemble.seeds
+    state, overlaid = initial_state(model, tx, seed=seeds, input_shape=data.input_shape, init_variables=init_variables)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -531,7 +595,7 @@ def fit(
                    primary=primary)
     final_eval = None
     try:
-        for step in range(int(state.step) + 1, length.total_steps + 1):
+        for step in range(int(np.asarray(state.step).reshape(-1)[0]) + 1, length.total_steps + 1):
             run.step(step)
             for callback in callbacks:
                 callback(step, run.state)
@@ -550,16 +614,34 @@ def fit(
     finally:
         run.close()
 
-    num_params = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(final_state.params)))
+    one = final_state if ensemble is None else ensemble_lib.member(final_state, 0)
+    num_params = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(one.params)))
     if primary:
         if config.plot:
             plot_learning_curves(logger.records, workdir / "plots" / "learning_curve.png", metric=task.best_metric)
         results = {"steps": length.total_steps, "final_eval": final_eval, "best_step": best_step,
                    "task": task.record(), "num_params": num_params, "init_variables": overlaid}
+        if ensemble is not None:
+            results["members"] = member_best_steps(logger.records, ensemble.seeds, task, config)
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     return FitResult(state=final_state, train_history=logger.history("train"), eval_history=logger.history("eval"),
                      final_eval=final_eval, workdir=workdir, steps=length.total_steps, best_step=best_step,
                      seconds=time.perf_counter() - started, num_params=num_params)
+
+
+def member_best_steps(records: Sequence[Mapping[str, Any]], seeds: Sequence[int], task: Task,
+                      config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Per ensemble member: its seed, and the evaluated step with its best `best_metric` (the
+    checkpoint of that step is on disk only if retention kept it; see `config.checkpoint`)."""
+    metric = config.checkpoint.best_metric
+    metric = f"eval/{task.best_metric}" if metric in ("auto", "") else metric
+    mode = task.best_mode if config.checkpoint.best_mode == "auto" else config.checkpoint.best_mode
+    rows = []
+    for index, seed in enumerate(seeds):
+        evals = [(r["step"], r[metric]) for r in records if r.get("member") == index and metric in r]
+        best = (max if mode == "max" else min)(evals, key=lambda pair: pair[1]) if evals else (None, None)
+        rows.append({"member": index, "seed": int(seed), "best_step": best[0], metric: best[1]})
+    return rows
 
 
 def _json_default(value: Any) -> Any:

@@ -173,6 +173,16 @@ def default_compiler_options(backend: str | None = None) -> dict[str, str] | Non
 CompilerOptions = Mapping[str, str] | None | str
 
 
+def donated_arguments() -> tuple[int, ...]:
+    """The arguments a compiled train step donates: the state (argument 0), except on CPU."""
+    return _donate()
+
+
+def resolve_compiler_options(compiler_options: CompilerOptions) -> dict[str, Any]:
+    """`jax.jit` keyword arguments for `compiler_options` ("auto", None or a mapping)."""
+    return _resolve_options(compiler_options)
+
+
 def _resolve_options(compiler_options: CompilerOptions) -> dict[str, Any]:
     """`jax.jit` keyword arguments for `compiler_options` ("auto", None or a mapping)."""
     if isinstance(compiler_options, str):

@@ -48,15 +48,19 @@ class RunLogger:
             # TensorBoard then drops earlier attempts' events after the checkpoint.
             self._writer = SummaryWriter(str(workdir / "events"), purge_step=resume_step + 1)
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    def write(self, step: int, metrics: Mapping[str, float], *, member: int | None = None) -> None:
+        """One record `{"step", ("member",) **metrics}`; an ensemble member's scalars go to
+        TensorBoard as `<metric>/member_<i>`, one curve per member."""
+        record = {"step": int(step), **({} if member is None else {"member": int(member)})}
+        record.update({k: float(v) for k, v in metrics.items()})
         self.records.append(record)
         if not self.enabled:
             return
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        suffix = "" if member is None else f"/member_{member}"
         for key, value in metrics.items():
-            self._writer.add_scalar(key, float(value), int(step))
+            self._writer.add_scalar(key + suffix, float(value), int(step))
 
     def history(self, prefix: str) -> list[dict[str, Any]]:
         """The records that have `prefix/...` keys (e.g. "train", "eval")."""

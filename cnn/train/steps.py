@@ -96,12 +96,16 @@ def make_train_step(
       learning_rate_fn: the schedule, to report `learning_rate` in the metrics.
 
     Returns:
-      `train_step`; its metrics are float32 scalars `loss`, the task's metrics, `grad_norm` (and
-      `learning_rate`), averaged over the (global) batch.
+      `train_step(state, batch, augment_rng=None)`; its metrics are float32 scalars `loss`, the
+      task's metrics, `grad_norm` (and `learning_rate`), averaged over the (global) batch.
+      `augment_rng` (raw key data, `TrainState.rng` of another run) draws the augmentation from
+      that run's keys instead of this state's, as an ensemble's shared data does.
     """
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, augment_rng: jax.Array | None = None) -> tuple[TrainState, Metrics]:
         augment_key, dropout_key = jax.random.split(state.step_key())
+        if augment_rng is not None:  # another run key's draws (an ensemble's shared augmentation)
+            augment_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(augment_rng), state.step))[0]
         batch = task.prepare(batch)
         offset = 0
         if axis_name is not None:
