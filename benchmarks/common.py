@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cnn import models  # noqa: E402
-from cnn.train import optim, steps  # noqa: E402
+from cnn.train import optim, parallel, steps  # noqa: E402
 from cnn.train.state import TrainState  # noqa: E402
 
 SGD = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "constant"}
@@ -95,7 +95,7 @@ def machine_record(quick: bool, script: str, argv: Sequence[str] | None) -> dict
         "jax": jax.__version__,
         "flax": flax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": steps.default_compiler_options(),
+        "compiler_options": parallel.default_compiler_options(),
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "quick": quick,
         "command": " ".join(
@@ -180,7 +180,7 @@ def fresh_jit_train_step(donate: bool = True, xla_defaults: bool = False) -> Cal
     jitted with the state donated (its buffers are reused for the new state) and the package's
     XLA options (`cnn.train.default_compiler_options()`; `xla_defaults=True`: XLA's own). A new
     function object each call, so nothing is reused from JAX's compilation cache."""
-    options = None if xla_defaults else steps.default_compiler_options()
+    options = None if xla_defaults else parallel.default_compiler_options()
     return jax.jit(steps.make_train_step(), donate_argnums=(0,) if donate else (), compiler_options=options)
 
 

@@ -45,7 +45,7 @@ import common  # noqa: E402
 from cnn import models  # noqa: E402
 from cnn.data import augment  # noqa: E402
 from cnn.data.iterator import BatchIterator  # noqa: E402
-from cnn.train import steps  # noqa: E402
+from cnn.train import parallel, steps  # noqa: E402
 from cnn.train.state import create_train_state  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -107,7 +107,7 @@ def option_set(name: str) -> dict[str, Any] | None:
     """The `compiler_options` of `OPTION_SETS[name]`."""
     if name not in OPTION_SETS:
         raise ValueError(f"option set {name!r} is not one of {sorted(OPTION_SETS)}")
-    return steps.default_compiler_options() if name == "package" else OPTION_SETS[name]
+    return parallel.default_compiler_options() if name == "package" else OPTION_SETS[name]
 
 
 def hlo_counts(hlo_text: str) -> dict[str, int]:
@@ -275,7 +275,7 @@ def cifar_epoch(scheme: str, depth: int, num_examples: int, batch_size: int, dty
     model = models.create("cifar_resnet", depth=depth, scheme=scheme, num_classes=10, dtype=dtype)
     tx = common.sgd()
     state = create_train_state(model, tx, rng=0, input_shape=(1, 32, 32, 3))
-    train_step = steps.compile_single(steps.make_train_step(augment_fn=steps.make_augment_fn(augment.cifar_standard())))
+    train_step = parallel.compile_single(steps.make_train_step(augment_fn=steps.make_augment_fn(augment.cifar_standard())))
 
     def epoch(state):
         for _ in range(iterator.steps_per_epoch):
