@@ -98,6 +98,72 @@ def check_input(
         )
 
 
+def check_image_input(
+    module: nn.Module, x: jnp.ndarray, *, first_conv: str, model: str | None = None, channels: int | None = None
+) -> None:
+    """Raises ValueError unless `x` is a floating NHWC batch with the channels the model reads.
+
+    Called once at the top of a model's `__call__`. It reads only static shapes and dtypes, so it
+    works under `jit`, `vmap` and `eval_shape`. Checks:
+      * rank: `[batch, height, width, channels]` (a hint to add the batch axis for one image);
+      * dtype: floating point. Integer (e.g. uint8) and bool images are rejected rather than
+        converted, because a silent cast would feed 0..255 pixels to a model trained on [0, 1] or
+        normalized inputs; scale them first (`x.astype(jnp.float32) / 255.0`; `cnn.train` does
+        this for integer batches before the model);
+      * channels: once the model has parameters (apply, not init), `x.shape[-1]` must equal the
+        input channels of the kernel at `first_conv`, which the model learned them for; when
+        `x.shape[1]` has that count instead, the message says the array looks NCHW. At init the
+        channel count is inferred from `x` (any count is accepted) unless `channels` fixes it.
+
+    Args:
+      module: the model, bound (i.e. called from inside its `__call__`).
+      x: the model input.
+      first_conv: "/"-separated path, in the model's own `params`, of the layer whose `kernel`
+        `[kh, kw, in_channels, out]` reads `x` (e.g. "conv1" or "features/conv1_1").
+      model: the model's name in messages (default: its `registry_name`, else its class name).
+      channels: a channel count the architecture fixes whatever its parameters (e.g. the RGB
+        re-normalization of GoogLeNet's `transform_input`); None: inferred at init.
+    """
+    name = model or getattr(module, "registry_name", None) or type(module).__name__
+    shape = tuple(x.shape)
+    if len(shape) != 4:
+        hint = {
+            3: " For one image add a batch axis: x[None].",
+            2: " For one grayscale image add batch and channel axes: x[None, :, :, None].",
+        }.get(len(shape), "")
+        raise ValueError(
+            f"{name}: input x has shape {shape}; expected 4 dimensions, NHWC [batch, height, width, "
+            f"channels].{hint}"
+        )
+    dtype = jnp.dtype(x.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: input x must be a floating-point NHWC image batch, got x.dtype={dtype} with "
+            f"x.shape={shape}. Scale integer images to floats first, e.g. x.astype(jnp.float32) / 255.0 "
+            "(cnn.train does this for integer batches); the model does not cast them."
+        )
+    expected = channels
+    if expected is None and not module.is_initializing():
+        node = module.variables.get("params", {})
+        for key in first_conv.split("/"):
+            node = node.get(key, {}) if hasattr(node, "get") else {}
+        kernel = node.get("kernel") if hasattr(node, "get") else None
+        if kernel is not None and len(kernel.shape) >= 4:
+            expected = int(kernel.shape[-2])  # HWIO (a leading axis, e.g. ensemble members, is fine)
+    if expected is not None and shape[3] != expected:
+        hint = (
+            f" The shape looks like NCHW (channels first, as in PyTorch): transpose it with "
+            f"x.transpose(0, 2, 3, 1) to get {(shape[0], shape[2], shape[3], shape[1])}."
+            if shape[1] == expected
+            else ""
+        )
+        raise ValueError(
+            f"{name}: input x must be NHWC [batch, height, width, channels] with {expected} channels "
+            f"(what its first convolution {first_conv!r} reads), got x.shape={shape} with {shape[3]} "
+            f"channels.{hint}"
+        )
+
+
 def _pool_padding(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> tuple[int, int]:
     """(left, right) padding that makes a floor-mode window reproduce torch's output length."""
     out = pool_output_size(size, window, stride, padding, ceil_mode)
@@ -184,6 +250,7 @@ __all__ = [
     "AvgPool",
     "MaxPool",
     "adaptive_avg_pool",
+    "check_image_input",
     "check_input",
     "conv_output_size",
     "flatten",

@@ -16,6 +16,7 @@ to the same output size.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Union
 
@@ -23,16 +24,23 @@ from typing import Union
 Padding1D = Union[int, tuple[int, int], str]
 
 
+def is_integer(value) -> bool:
+    """A Python int or a NumPy integer scalar (`np.int64(32)`, e.g. an entry of `array.shape`
+    arithmetic); not a bool, a float or an array."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """`value` as a Python int, after checking it is an integer >= `minimum`."""
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return value
+    return int(value)
 
 
 def effective_kernel_size(kernel_size: int, dilation: int = 1) -> int:
     """Input positions covered by a kernel of `kernel_size` taps spaced `dilation` apart."""
-    _check_int("kernel_size", kernel_size, 1)
-    _check_int("dilation", dilation, 1)
+    kernel_size = _check_int("kernel_size", kernel_size, 1)
+    dilation = _check_int("dilation", dilation, 1)
     return dilation * (kernel_size - 1) + 1
 
 
@@ -42,8 +50,8 @@ def same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int = 1
     This is XLA/TensorFlow's "SAME": the total padding is split with the extra position (if the
     total is odd) at the high end. With stride 1 and an odd kernel it is `(f-1)/2` on both sides.
     """
-    _check_int("size", size, 1)
-    _check_int("stride", stride, 1)
+    size = _check_int("size", size, 1)
+    stride = _check_int("stride", stride, 1)
     eff = effective_kernel_size(kernel_size, dilation)
     out = -(-size // stride)
     total = max((out - 1) * stride + eff - size, 0)
@@ -59,9 +67,9 @@ def resolve_padding(padding: Padding1D, size: int, kernel_size: int, stride: int
         if mode == "VALID":
             return 0, 0
         raise ValueError(f"padding must be an int, a (low, high) pair, 'SAME' or 'VALID', got padding={padding!r}")
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        pair = (padding, padding)
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(isinstance(p, int) for p in padding):
+    if is_integer(padding):
+        pair = (int(padding), int(padding))
+    elif isinstance(padding, Sequence) and len(padding) == 2 and all(is_integer(p) for p in padding):
         pair = (int(padding[0]), int(padding[1]))
     else:
         raise ValueError(f"padding must be an int, a (low, high) pair, 'SAME' or 'VALID', got padding={padding!r}")
@@ -80,10 +88,10 @@ def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: Padd
       ValueError: a non-positive size/kernel/stride/dilation, negative padding, or a kernel whose
         effective size exceeds the padded input (naming the argument and the value).
     """
-    _check_int("size", size, 1)
-    _check_int("kernel_size", kernel_size, 1)
-    _check_int("stride", stride, 1)
-    _check_int("dilation", dilation, 1)
+    size = _check_int("size", size, 1)
+    kernel_size = _check_int("kernel_size", kernel_size, 1)
+    stride = _check_int("stride", stride, 1)
+    dilation = _check_int("dilation", dilation, 1)
     low, high = resolve_padding(padding, size, kernel_size, stride, dilation)
     eff = effective_kernel_size(kernel_size, dilation)
     padded = size + low + high
@@ -109,9 +117,10 @@ def conv_transpose_output_size(
     `conv_output_size`: for every input size `m` with `conv_output_size(m, ...) == n` there is an
     `output_padding` in `[0, stride)` giving back `m`.
     """
-    _check_int("size", size, 1)
-    _check_int("stride", stride, 1)
-    _check_int("output_padding", output_padding, 0)
+    size = _check_int("size", size, 1)
+    stride = _check_int("stride", stride, 1)
+    output_padding = _check_int("output_padding", output_padding, 0)
+    dilation = _check_int("dilation", dilation, 1)
     if output_padding >= stride and output_padding >= dilation:
         raise ValueError(
             f"output_padding must be smaller than stride or dilation, got output_padding={output_padding}, "
@@ -142,8 +151,8 @@ def conv_output_shape(
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:
     """`3 -> (3, 3)`, `(2, 1) -> (2, 1)`."""
-    if isinstance(value, int):
-        return value, value
+    if is_integer(value):
+        return int(value), int(value)
     if len(value) != 2:
         raise ValueError(f"expected an int or a pair for a 2-D setting, got {value!r}")
     return int(value[0]), int(value[1])
@@ -151,7 +160,7 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 def pair_padding(padding: Padding1D | Sequence[Padding1D]) -> tuple[Padding1D, Padding1D]:
     """Padding spec for both spatial dims: `1`, `"SAME"`, `((1, 2), (0, 0))` or `(1, 2)` (per dim)."""
-    if isinstance(padding, (int, str)):
+    if isinstance(padding, str) or is_integer(padding):
         return padding, padding
     if len(padding) != 2:
         raise ValueError(f"padding must be an int, 'SAME'/'VALID', or one spec per spatial dim, got {padding!r}")

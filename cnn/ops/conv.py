@@ -25,6 +25,7 @@ from cnn.ops.arithmetic import (
     conv_output_size,
     conv_transpose_output_size,
     effective_kernel_size,
+    is_integer,
     pair,
     pair_padding,
     resolve_padding,
@@ -41,7 +42,7 @@ def _check_image(name: str, x: jax.Array) -> None:
 def _check_kernel(kernel: jax.Array, in_channels: int, groups: int) -> None:
     if kernel.ndim != 4:
         raise ValueError(f"kernel must be [kernel_h, kernel_w, in/groups, out] (HWIO), got kernel.shape={tuple(kernel.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not is_integer(groups) or groups < 1:
         raise ValueError(f"groups must be an integer >= 1, got groups={groups!r}")
     if in_channels % groups or kernel.shape[3] % groups:
         raise ValueError(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn.ops.arithmetic import effective_kernel_size
+from cnn.ops.arithmetic import effective_kernel_size, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +56,12 @@ def receptive_fields(layers: Sequence[LayerGeometry | tuple[int, ...]]) -> list[
     result = []
     for index, layer in enumerate(layers):
         geometry = layer if isinstance(layer, LayerGeometry) else LayerGeometry(*layer)
-        if geometry.stride < 1:
-            raise ValueError(f"layers[{index}].stride must be >= 1, got stride={geometry.stride}")
+        if not is_integer(geometry.stride) or geometry.stride < 1:
+            raise ValueError(f"layers[{index}].stride must be an integer >= 1, got stride={geometry.stride!r}")
         eff = effective_kernel_size(geometry.kernel, geometry.dilation)
-        start = start + ((eff - 1) / 2 - geometry.padding) * jump
+        start = start + ((eff - 1) / 2 - float(geometry.padding)) * jump
         size = size + (eff - 1) * jump
-        jump = jump * geometry.stride
+        jump = jump * int(geometry.stride)  # Python ints out, also for NumPy integer settings
         result.append(ReceptiveField(size=size, jump=jump, start=start))
     return result
 

@@ -31,3 +31,22 @@ def cifar_resnet_params(depth: int, knobs_per_block: int = 0) -> int:
         total += conv(c_in, c_out) + conv(c_out, c_out) + 2 * bn(c_out)  # block 0
         total += (n - 1) * (2 * conv(c_out, c_out) + 2 * bn(c_out))
     return total + 64 * 10 + 10 + 3 * n * knobs_per_block
+
+
+def import_torch():
+    """`torch`, or a skip where it is not installed; a failure instead when CNN_REQUIRE_TORCH=1.
+
+    `make test` installs a CPU torch and sets CNN_REQUIRE_TORCH=1, so there the PyTorch
+    cross-checks cannot silently turn into skips.
+    """
+    import os
+
+    import pytest
+
+    try:
+        import torch
+    except ImportError as error:
+        if os.environ.get("CNN_REQUIRE_TORCH") == "1":
+            pytest.fail(f"CNN_REQUIRE_TORCH=1 but torch does not import ({error}); `make test` installs it")
+        pytest.skip("PyTorch not installed (`make test` installs a CPU build): the PyTorch cross-check is skipped")
+    return torch

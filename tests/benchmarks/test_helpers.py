@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.benchmarks.helpers import cifar_resnet_params, load_script
+from tests.benchmarks.helpers import cifar_resnet_params, import_torch, load_script
 
 common = load_script("common")
 
@@ -74,8 +74,7 @@ def test_random_train_state_has_the_model_shapes_and_init_statistics():
 
 
 def test_torch_reference_rejects_variables_of_another_depth():
-    if not _torch_available():
-        pytest.skip("PyTorch not installed (the bench extra): the reference network is not checked")
+    import_torch()
     torch_resnet = load_script("torch_cifar_resnet")
     state = common.cifar_state(14, "euler")
     net = torch_resnet.CifarResNet(20)
@@ -84,14 +83,6 @@ def test_torch_reference_rejects_variables_of_another_depth():
     with pytest.raises(ValueError, match="depth=9"):
         torch_resnet.CifarResNet(9)
     assert torch_resnet.count_params(torch_resnet.CifarResNet(110, scheme="lm")) == cifar_resnet_params(110, 1)
-
-
-def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_bad_arguments_name_the_value():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.benchmarks.helpers import cifar_resnet_params, load_script
+from tests.benchmarks.helpers import cifar_resnet_params, import_torch, load_script
 
 MACHINE_KEYS = {"device", "platform", "cpu", "cpu_count", "usable_cores", "jax", "flax", "date", "quick", "command"}
 
@@ -63,6 +63,7 @@ def test_train_step_quick_torch_part(train_step_run):
     record, markdown = train_step_run
     if record["torch_skipped"]:
         assert "bench" in record["torch_skipped"] and "SKIPPED" in markdown
+        import_torch()  # fails under CNN_REQUIRE_TORCH=1 (`make test`) when torch is missing
         pytest.skip(f"PyTorch part of train_step.py skipped: {record['torch_skipped']}")
     for row in record["rows"]:
         assert row["params_torch"] == row["params_jax"]

@@ -347,3 +347,92 @@ def test_load_state_dict_npz(tmp_path, resnet18_state):
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(ValueError, match=r"weights\.h5' must end in \.npz, \.pt or \.pth"):
         convert.load_state_dict(tmp_path / "weights.h5")
+
+
+# ----------------------------------------------------------------------------- a .pth file from torch
+
+
+def torchvision_resnet18(torch, num_classes):
+    """torchvision's resnet18 written out in plain torch.nn with torchvision's module names
+    (conv1, bn1, layer{1-4}.{0,1}.{conv1,bn1,conv2,bn2}, layer{2-4}.0.downsample.{0,1}, fc), so
+    its state_dict has torchvision's keys. (torchvision itself does not import beside the CPU
+    torch that `make test` installs.)"""
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet18(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            widths = (64, 128, 256, 512)
+            for index, width in enumerate(widths, start=1):
+                cin = widths[max(index - 2, 0)]
+                stride = 1 if index == 1 else 2
+                setattr(self, f"layer{index}", nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width, 1)))
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(512, num_classes)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    return ResNet18()
+
+
+def test_pth_file_saved_by_torch_gives_torchs_logits(tmp_path):
+    """The pretrained-weights path: torch.save(state_dict) -> load_state_dict(.pth) ->
+    from_torchvision -> the same logits as the torch network on the same (transposed) images."""
+    from tests.benchmarks.helpers import import_torch
+
+    torch = import_torch()
+    torch.manual_seed(0)
+    net = torchvision_resnet18(torch, num_classes=10)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained network has
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+
+    state = convert.load_state_dict(path)
+    assert set(state) == set(net.state_dict())  # every torchvision key, num_batches_tracked included
+    variables = convert.from_torchvision("resnet18", state)  # num_classes=10 read from fc.weight
+    images = np.random.default_rng(18).standard_normal((2, 3, 64, 64)).astype(np.float32)  # NCHW
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images)).numpy()
+    logits = models.create("resnet18", num_classes=10).apply(variables, images.transpose(0, 2, 3, 1), train=False)
+    assert logits.shape == expected.shape == (2, 10)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(expected).max() > 0.1  # a network that outputs ~0 would agree trivially
+
+
+def test_pth_file_without_torch_says_how_to_convert(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "weights.pth").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ValueError, match=r"weights\.pth' is a torch file but torch is not installed.*numpy\.savez"):
+        convert.load_state_dict(tmp_path / "weights.pth")

@@ -90,3 +90,28 @@ def test_conv2d_rejects_bad_shapes_with_clear_messages():
         ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 5, 1, 1)))
     with pytest.raises(ValueError, match="output_padding=2"):
         ops.conv_transpose2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), stride=2, output_padding=2)
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.int8, np.uint16])
+def test_numpy_integer_scalars_are_accepted_and_give_python_ints(integer):
+    """Sizes often come from NumPy arithmetic on shapes; the values are the formula's, typed int."""
+    n, f, s, p = integer(32), integer(3), integer(2), integer(1)
+    expected = (32 + 2 * 1 - 3) // 2 + 1  # 16
+    size = ops.conv_output_size(n, f, s, p)
+    assert size == expected and type(size) is int
+    assert ops.conv_output_size(np.int64(32), 3) == 30  # the issue's example
+    assert ops.pool_output_size(n, integer(2)) == 16
+    assert ops.same_padding(integer(7), f, s) == (1, 1)  # total (4-1)*2 + 3 - 7 = 2
+    up = ops.conv_transpose_output_size(integer(16), f, s, (p, p), output_padding=integer(1))
+    assert up == (16 - 1) * 2 - 2 + 3 + 1 and type(up) is int
+    assert ops.conv_output_shape(np.array([32, 17]), (f, f), s, p) == (16, 9)
+    assert ops.receptive_field_size([(f, 1, integer(2)), (f, s, 1)]) == 1 + 4 + 2
+    y = ops.conv2d(jnp.ones((1, 8, 8, 1)), jnp.ones((3, 3, 1, 1)), stride=s, padding=p, dilation=integer(1))
+    assert y.shape == (1, 4, 4, 1)
+    assert ops.max_pool2d(jnp.ones((1, 8, 8, 1)), integer(2)).shape == (1, 4, 4, 1)
+
+
+@pytest.mark.parametrize("value", [True, 3.0, np.float64(3.0), np.bool_(True), "3"])
+def test_non_integer_sizes_are_still_rejected(value):
+    with pytest.raises(ValueError, match="size must be an integer >= 1, got size="):
+        ops.conv_output_size(value, 3)

@@ -75,8 +75,41 @@ def test_conv_matrix_reproduces_the_loop_convolution(case):
     np.testing.assert_allclose(matrix @ x.ravel(), want.ravel(), atol=1e-10)
 
 
-def test_lecture_example_3x3_kernel_4x4_input():
-    """A 3x3 kernel on a 4x4 input gives 2x2: C is 4 x 16; its transpose maps 2x2 back to 4x4."""
+def test_lecture_example_2x2_kernel_3x3_input():
+    """The lecture's transposed-convolution example: a 2x2 filter w on a 3x3 input gives 2x2, so the
+    convolution is a 4x9 matrix W (one row per output pixel, row-major) and the transposed
+    convolution, which maps a 2x2 map back to 3x3, is W^T (9x4), written out by hand."""
+    w1, w2, w3, w4 = 2.0, 3.0, 5.0, 7.0
+    kernel = np.array([[w1, w2], [w3, w4]]).reshape(2, 2, 1, 1)
+    W = np.array([
+        [w1, w2, 0, w3, w4, 0, 0, 0, 0],
+        [0, w1, w2, 0, w3, w4, 0, 0, 0],
+        [0, 0, 0, w1, w2, 0, w3, w4, 0],
+        [0, 0, 0, 0, w1, w2, 0, w3, w4],
+    ])
+    np.testing.assert_array_equal(ops.conv_matrix(kernel, (3, 3, 1)), W)
+    x = np.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+    y = ops.conv2d(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    assert y.shape == (1, 2, 2, 1)
+    # top-left output: w1 x11 + w2 x12 + w3 x21 + w4 x22 = 2*1 + 3*2 + 5*4 + 7*5
+    assert float(y[0, 0, 0, 0]) == 2 * 1 + 3 * 2 + 5 * 4 + 7 * 5
+    np.testing.assert_allclose(np.asarray(y).ravel(), W @ x.ravel(), rtol=1e-6)
+    y_in = np.array([1.0, 10.0, 100.0, 1000.0]).reshape(1, 2, 2, 1)
+    up = ops.conv_transpose2d(jnp.asarray(y_in, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    assert up.shape == (1, 3, 3, 1)
+    # W^T y: each input pixel scatters its value times the filter onto its 2x2 window
+    expected = np.array([
+        [w1 * 1, w2 * 1 + w1 * 10, w2 * 10],
+        [w3 * 1 + w1 * 100, w4 * 1 + w3 * 10 + w2 * 100 + w1 * 1000, w4 * 10 + w2 * 1000],
+        [w3 * 100, w4 * 100 + w3 * 1000, w4 * 1000],
+    ])
+    np.testing.assert_allclose(np.asarray(up)[0, :, :, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(expected.ravel(), W.T @ y_in.ravel())
+
+
+def test_dumoulin_example_3x3_kernel_4x4_input():
+    """Dumoulin & Visin's example: a 3x3 kernel on a 4x4 input gives 2x2: C is 4 x 16; its
+    transpose maps 2x2 back to 4x4."""
     kernel = np.arange(1.0, 10.0).reshape(3, 3, 1, 1)
     matrix = ops.conv_matrix(kernel, (4, 4, 1))
     assert matrix.shape == (4, 16)
