@@ -21,5 +21,6 @@ import cnn.models.fcn  # noqa: E402,F401  (fcn32s, fcn16s, fcn8s)
 import cnn.models.segnet  # noqa: E402,F401
 import cnn.models.unet  # noqa: E402,F401
 import cnn.models.dilated  # noqa: E402,F401  (dilated_frontend, dilated_context)
+import cnn.models.dynamics  # noqa: E402,F401  (mlp_integrator, stencil_integrator)
 
 __all__ = ["available", "count_params", "create", "register"]

@@ -1,13 +1,16 @@
 """Learned integrators for the pendulum (or Lotka-Volterra): one residual MLP per scheme.
 
-    python -m experiments.dynamics --config=experiments/configs/dynamics_ode.py --workdir=runs/dynamics_ode
-    python -m experiments.dynamics --config=experiments/configs/dynamics_ode.py --config.system=lotka_volterra
-    python -m experiments.dynamics --config=experiments/configs/dynamics_ode.py:tiny --workdir=runs/dyn_tiny
+    python -m experiments.dynamics_ode --config=experiments/configs/dynamics_ode.py --workdir=runs/dynamics_ode
+    python -m experiments.dynamics_ode --config=experiments/configs/dynamics_ode.py --config.system=lotka_volterra
+    python -m experiments.dynamics_ode --config=experiments/configs/dynamics_ode.py:tiny --workdir=runs/dyn_tiny
 
+(`python -m experiments.dynamics` runs the same, dispatching on `config.experiment`.)
 Pendulum initial states: |theta_0| <= 2, |omega_0| <= 0.5, so the energy stays below the
 separatrix (E < 1): every trajectory swings, and the states along a rollout stay in the region
-the training trajectories cover. `tiny` (seconds on a CPU; the tests use it): Euler and
-midpoint only, a smaller MLP, fewer steps.
+the training trajectories cover. `config.train` holds the `cnn.train.fit` fields (optimizer,
+batch size, steps, model options; unset fields take `cnn.train.default_config()` values); the
+script adds the scheme, its options and `h = dt` to `config.train.model_options` per scheme.
+`tiny` (seconds on a CPU; the tests use it): Euler and midpoint only, a smaller MLP, fewer steps.
 """
 
 import ml_collections
@@ -34,15 +37,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.schemes = ("euler", "midpoint", "heun", "rk4", "ab2", "leapfrog", "lm", "backward_euler")
     config.scheme_options = ml_collections.ConfigDict({"backward_euler": {"iterations": 3}})
     config.start = "data"  # multistep history from the true past; or "euler" / "copy" (the scheme's start rule)
-    config.hidden = (64, 64)
-    config.activation = "tanh"
-
     config.train_horizon = 1  # steps per training window (1: teacher-forced one-step targets)
-    config.train_steps = 3000
-    config.batch_size = 256
-    config.seed = 0
-    config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 3e-3, "schedule": "cosine"})
-    config.progress = True
+
+    # cnn.train.fit's fields.
+    config.train = ml_collections.ConfigDict({
+        "seed": 0,
+        "model": "mlp_integrator",
+        "model_options": {"hidden": (64, 64), "activation": "tanh"},
+        "batch_size": 256,
+        "num_train_steps": 3000,
+        "optimizer": {"name": "adam", "learning_rate": 3e-3, "schedule": "cosine"},
+        "parallelism": "single",  # a 2-D state: more devices would only add communication
+        "log_every_steps": 10,
+        "eval_every_steps": 500,  # rollout error on the test trajectories (and a checkpoint)
+        "checkpoint": {"max_to_keep": 1},
+        "progress": True,
+        "plot": False,
+    })
 
     if variant == "tiny":
         config.name = "dynamics_ode_tiny"
@@ -51,12 +62,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train_steps_per_trajectory = 40
         config.num_test = 8
         config.rollout_steps = 50
-        config.hidden = (32, 32)
-        config.train_steps = 400
-        config.batch_size = 128
-        config.optimizer.learning_rate = 1e-2
         config.system_options.pendulum.max_step = 1e-2  # generator's internal RK4 step: data still ~1e-8 accurate
-        config.progress = False
+        config.train.model_options.hidden = (32, 32)
+        config.train.num_train_steps = 400
+        config.train.batch_size = 128
+        config.train.optimizer.learning_rate = 1e-2
+        config.train.eval_every_steps = 200
+        config.train.progress = False
     elif variant:
         raise ValueError(f"unknown dynamics_ode config variant {variant!r}; valid: '' (full), 'tiny'")
     return config

@@ -1,12 +1,15 @@
 """Learning the heat equation's stencil: one 3x3 conv kernel stepped by forward Euler (and RK2).
 
-    python -m experiments.dynamics --config=experiments/configs/dynamics_pde.py --workdir=runs/dynamics_pde
-    python -m experiments.dynamics --config=experiments/configs/dynamics_pde.py:tiny --workdir=runs/dyn_pde_tiny
+    python -m experiments.dynamics_pde --config=experiments/configs/dynamics_pde.py --workdir=runs/dynamics_pde
+    python -m experiments.dynamics_pde --config=experiments/configs/dynamics_pde.py:tiny --workdir=runs/dyn_pde_tiny
 
+(`python -m experiments.dynamics` runs the same, dispatching on `config.experiment`.)
 Snapshots are taken every dt = courant * dx^2 / kappa, exactly one explicit 5-point step, so
 forward Euler's kernel should be r [[0,1,0],[1,-4,1],[0,1,0]] with r = courant (0.2 here).
 White-noise initial fields identify all nine entries; smooth ones (the generator's low modes)
-do not (see results.md). `tiny`: 16x16 grid, Euler on white noise only, a few hundred steps.
+do not (see results.md). `config.train` holds the `cnn.train.fit` fields; the script adds the
+scheme and the boundary to `config.train.model_options`. `tiny`: 16x16 grid, Euler on white
+noise only, a few hundred steps.
 """
 
 import ml_collections
@@ -31,11 +34,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.scheme_options = ml_collections.ConfigDict()
     config.start = "data"
     config.train_horizon = 1
-    config.train_steps = 600
-    config.batch_size = 128  # all 16 x 8 training pairs
-    config.seed = 0
-    config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 3e-2, "schedule": "cosine"})
-    config.progress = True
+
+    # cnn.train.fit's fields.
+    config.train = ml_collections.ConfigDict({
+        "seed": 0,
+        "model": "stencil_integrator",
+        "batch_size": 128,  # all 16 x 8 training pairs
+        "num_train_steps": 600,
+        "optimizer": {"name": "adam", "learning_rate": 3e-2, "schedule": "cosine"},
+        "parallelism": "single",
+        "log_every_steps": 10,
+        "eval_every_steps": 200,
+        "checkpoint": {"max_to_keep": 1},
+        "progress": True,
+        "plot": False,
+    })
 
     if variant == "tiny":
         config.name = "dynamics_pde_tiny"
@@ -45,9 +58,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.pde.num_steps = 4
         config.pde.initial_fields = ("white_noise",)
         config.schemes = ("euler",)
-        config.train_steps = 300
-        config.batch_size = 32
-        config.progress = False
+        config.train.num_train_steps = 300
+        config.train.batch_size = 32
+        config.train.eval_every_steps = 100
+        config.train.progress = False
     elif variant:
         raise ValueError(f"unknown dynamics_pde config variant {variant!r}; valid: '' (full), 'tiny'")
     return config
