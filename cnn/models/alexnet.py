@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from cnn.models.layers import (
     AdaptiveAvgPool,
     MaxPool,
+    check_image_input,
     check_input,
     conv_output_size,
     flatten,
@@ -128,6 +129,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="features/conv1", model="alexnet")
         check_input(x, model="alexnet", min_size=ALEXNET_MIN_INPUT)
         x = AlexNetFeatures(self.dtype, self.param_dtype, name="features")(x, train=train)
         x = AdaptiveAvgPool((6, 6), name="avgpool")(x)

@@ -44,7 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.layers import kaiming_fan_out
+from cnn.models.layers import check_image_input, kaiming_fan_out
 from cnn.models.registry import register
 from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import Scheme, get_scheme
@@ -188,6 +188,7 @@ class CifarResNet(_Layers):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="conv1", model=f"cifar_resnet (depth {self.depth})")
         n = blocks_per_stage(self.depth)
         if self.shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut={self.shortcut!r}: must be 'A' (zero-padded identity) or 'B' (1x1 projection)")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn.models.fcn import BilinearUpsample, Grid, VGGTrunk, crop_to_input, vgg_trunk_grids
-from cnn.models.layers import check_input, kaiming_fan_out
+from cnn.models.layers import check_image_input, check_input, kaiming_fan_out
 from cnn.models.registry import register
 from cnn.models.vgg import BLOCK_FEATURES, CONVS_PER_BLOCK
 
@@ -196,6 +196,7 @@ class DilatedNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_image_input(self, x, first_conv="features/conv1_1")
         check_input(x, model=self.registry_name, min_size=1)
         height, width = x.shape[1:3]
         x = VGGTrunk(

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from cnn.models.layers import (
     AdaptiveAvgPool,
     MaxPool,
+    check_image_input,
     check_input,
     conv_output_size,
     flatten,
@@ -189,6 +190,9 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray | GoogLeNetOutput:
+        check_image_input(
+            self, x, first_conv="conv1/conv", model="googlenet", channels=3 if self.transform_input else None
+        )
         check_input(x, model="googlenet", min_size=GOOGLENET_MIN_INPUT)
         if self.transform_input:
             # torchvision: from ImageNet mean/std normalization to (x - 0.5) / 0.5 per channel.

@@ -76,7 +76,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.layers import MaxPool, check_input, kaiming_fan_out, torch_linear_init
+from cnn.models.layers import MaxPool, check_image_input, check_input, kaiming_fan_out, torch_linear_init
 from cnn.models.registry import register
 from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import START_MODES, Scheme, get_scheme
@@ -339,6 +339,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="conv1", model=f"resnet{self.depth}")
         check_input(x, model=f"resnet{self.depth}", min_size=1)
         x = nn.Conv(
             64, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=kaiming_fan_out,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn import ops
-from cnn.models.layers import check_input, kaiming_fan_out
+from cnn.models.layers import check_image_input, check_input, kaiming_fan_out
 from cnn.models.registry import register
 from cnn.models.vgg import BLOCK_FEATURES, CONVS_PER_BLOCK
 
@@ -84,6 +84,7 @@ class SegNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_image_input(self, x, first_conv="conv1_1", model="segnet")
         check_input(x, model="segnet", min_size=1)
 
         def conv_bn_relu(x, features: int, name: str, bn_name: str):

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnn.models.layers import check_image_input
 from cnn.models.registry import register
 
 _POOLING = ("max", "avg", "none")
@@ -55,6 +56,7 @@ class SimpleCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         """Maps images `[batch, height, width, channels]` to logits `[batch, num_classes]`."""
+        check_image_input(self, x, first_conv="Conv_0", model="simple_cnn")
         if self.pooling not in _POOLING:
             raise ValueError(f"pooling={self.pooling!r} is not one of {_POOLING}")
         if self.depth < 1 or not self.widths:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.models.fcn import Grid, align, crop
-from cnn.models.layers import check_input
+from cnn.models.layers import check_image_input, check_input
 from cnn.models.registry import register
 
 Dtype = Any
@@ -130,6 +130,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_image_input(self, x, first_conv="down0_conv1", model="unet")
         check_input(x, model="unet", min_size=1)
         height, width = x.shape[1:3]
         input_grid = Grid()

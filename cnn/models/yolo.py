@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.layers import check_input, flatten
+from cnn.models.layers import check_image_input, check_input, flatten
 from cnn.models.registry import register
 
 Dtype = Any
@@ -126,6 +126,7 @@ class YOLOv1(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="conv1", model="yolo_v1")
         for name, value in (("num_classes", self.num_classes), ("grid_size", self.grid_size),
                             ("boxes_per_cell", self.boxes_per_cell)):
             if int(value) < 1:
