@@ -15,6 +15,10 @@ update rule itself, not a re-implementation.
 - `satisfies_root_condition`, `zero_stability_interval`: the range of a knob (LM-ResNet's k)
   for which the scheme is zero-stable.
 - `learned_knobs`, `plot_learned_knobs`: read the trained `k_t` of an LM-ResNet per block.
+- `jacobian_eigenvalues` (Arnoldi), `jacobian_spectral_radius` (power iteration): leading
+  eigenvalues of a function's Jacobian from JVPs only; `block_spectra`, `fraction_inside`,
+  `plot_spectra_vs_stability`: `h lambda` of each trained block's dF/dx at the inputs it sees,
+  against the stability region of the step it takes (is the ODE reading true of the network?).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cnn.ode.schemes import History, Scheme, get_scheme
@@ -457,18 +463,510 @@ def plot_learned_knobs(
     return str(path)
 
 
+# ------------------------------------------------------------------ Jacobian spectra of blocks
+#
+# Is the ODE reading true of a trained network? A step x_{t+1} = x_t + h F_t(x_t) linearized at
+# the state the block sees is x' = J x with J = dF_t/dx; the scheme is linearly stable there when
+# every h * lambda(J) lies in its stability region. These functions estimate the leading
+# eigenvalues of J from Jacobian-vector products only (no dense Jacobian) and place them on the
+# region.
+
+
+@dataclasses.dataclass(frozen=True)
+class RitzEstimate:
+    """Ritz values of a Jacobian from `num_steps` Arnoldi steps, per example.
+
+    Attributes:
+      values: complex `[examples, r]`, sorted by decreasing modulus.
+      residuals: `[examples, r]`, `|J V y - theta V y|` for the unit Ritz vector `V y` of each
+        value theta (`|h_{m+1,m}| |y_m|`): small means converged (it bounds the distance to the
+        spectrum for a normal J; a non-normal J can amplify it).
+      num_steps: Krylov dimension m.
+    """
+
+    values: np.ndarray
+    residuals: np.ndarray
+    num_steps: int
+
+
+def _flat_matvec(f: Callable[..., Any], args: tuple[Any, ...], x: Any, examples: int):
+    """`v [examples, size] -> J v` with J the Jacobian of `z -> f(z, *args)` at x.
+
+    F is evaluated once; each call is one Jacobian-vector product, computed as the transpose of
+    the (linear) VJP: the network's CPU convolution (`cnn.ops.conv.conv_general_dilated`) has a
+    custom VJP and no forward-mode rule, so `jax.jvp` / `jax.linearize` fail on it, while the
+    transposed VJP is exact for every differentiable F and costs about one JVP.
+    """
+    y, vjp = jax.vjp(lambda z: f(z, *args), x)
+    if y.shape != x.shape:
+        raise ValueError(
+            f"F maps {tuple(x.shape)} to {tuple(y.shape)}: a Jacobian spectrum needs F with the same "
+            "input and output shape (a shape-changing transition block has no eigenvalues)"
+        )
+    jvp = jax.linear_transpose(lambda cotangent: vjp(cotangent)[0], y)
+    size = x.size // examples
+
+    def matvec(v):
+        (out,) = jvp(v.reshape(x.shape).astype(y.dtype))
+        return out.reshape(examples, size).astype(v.dtype)
+
+    return matvec
+
+
+def _orthogonalize(basis: Any, w: Any) -> tuple[Any, Any]:
+    """Classical Gram-Schmidt of `w [e, d]` against the rows of `basis [e, k, d]`, twice
+    ("twice is enough": keeps the basis orthogonal to working precision). Zero rows of `basis`
+    contribute nothing, so a partly filled basis can be passed whole."""
+    total = 0
+    for _ in range(2):
+        coefficients = jnp.einsum("ekd,ed->ek", basis, w)
+        w = w - jnp.einsum("ek,ekd->ed", coefficients, basis)
+        total = total + coefficients
+    return w, total
+
+
+def _arnoldi(f, args, x, start, fresh, num_steps: int, examples: int):
+    """The `[examples, m + 1, m]` Hessenberg matrices of m Arnoldi steps, one per example.
+
+    On breakdown (J v in the span so far: an invariant subspace) the next basis vector is a
+    fresh random direction orthogonal to the basis and the subdiagonal entry is 0; the Ritz
+    values stay those of the compression `V^T J V`.
+    """
+    matvec = _flat_matvec(f, args, x, examples)
+    dtype = start.dtype
+    size = start.shape[-1]
+    tiny = jnp.finfo(dtype).tiny
+    threshold = 1000 * jnp.finfo(dtype).eps
+    basis = jnp.zeros((examples, num_steps + 1, size), dtype).at[:, 0].set(start)
+    hessenberg = jnp.zeros((examples, num_steps + 1, num_steps), dtype)
+
+    def body(j, carry):
+        basis, hessenberg = carry
+        w = matvec(jax.lax.dynamic_index_in_dim(basis, j, axis=1, keepdims=False))
+        scale = jnp.linalg.norm(w, axis=-1)
+        w, coefficients = _orthogonalize(basis, w)
+        norm = jnp.linalg.norm(w, axis=-1)
+        broke = norm <= threshold * scale
+        random, _ = _orthogonalize(basis, fresh[j])
+        random = random / jnp.maximum(jnp.linalg.norm(random, axis=-1, keepdims=True), tiny)
+        following = jnp.where(broke[:, None], random, w / jnp.maximum(norm, tiny)[:, None])
+        hessenberg = hessenberg.at[:, :, j].set(coefficients)
+        hessenberg = hessenberg.at[:, j + 1, j].set(jnp.where(broke, 0.0, norm))
+        basis = basis.at[:, j + 1].set(following)
+        return basis, hessenberg
+
+    _, hessenberg = jax.lax.fori_loop(0, num_steps, body, (basis, hessenberg))
+    return hessenberg
+
+
+def _power_iteration(f, args, x, start, num_iterations: int, examples: int):
+    """`log |J v_i|` for the unit iterates `v_i` of power iteration: `[num_iterations, examples]`."""
+    matvec = _flat_matvec(f, args, x, examples)
+    logs = jnp.zeros((num_iterations, examples), start.dtype)
+
+    def body(i, carry):
+        v, logs = carry
+        w = matvec(v)
+        norm = jnp.linalg.norm(w, axis=-1)
+        logs = logs.at[i].set(jnp.where(norm > 0, jnp.log(jnp.where(norm > 0, norm, 1.0)), -jnp.inf))
+        v = jnp.where((norm > 0)[:, None], w / jnp.where(norm > 0, norm, 1.0)[:, None], v)
+        return v, logs
+
+    return jax.lax.fori_loop(0, num_iterations, body, (start, logs))[1]
+
+
+# `f` is static: a function object reused across blocks (same module definition, other variables
+# in `args`) compiles once.
+_arnoldi_jit = jax.jit(_arnoldi, static_argnames=("f", "num_steps", "examples"))
+_power_iteration_jit = jax.jit(_power_iteration, static_argnames=("f", "num_iterations", "examples"))
+
+
+def _start_vectors(key: Any, x: Any, per_example: bool, count: int = 1):
+    examples = x.shape[0] if per_example else 1
+    size = x.size // examples
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    vectors = jax.random.normal(key, (count, examples, size), dtype)
+    return vectors / jnp.linalg.norm(vectors, axis=-1, keepdims=True), examples, size
+
+
+def jacobian_eigenvalues(
+    f: Callable[..., Any],
+    x: Any,
+    *,
+    num_steps: int = 20,
+    num_eigenvalues: int | None = None,
+    key: Any = None,
+    per_example: bool = True,
+    args: tuple[Any, ...] = (),
+) -> RitzEstimate:
+    """Leading eigenvalues (by modulus) of the Jacobian dF/dx at `x`, from JVPs only (Arnoldi).
+
+    Each Arnoldi step costs one Jacobian-vector product (F is evaluated once; `_flat_matvec`
+    says how the products are formed); after m steps the eigenvalues of the m x m Hessenberg
+    matrix `V^T J V` (Ritz values) approximate the outer eigenvalues of J first. With m equal to the dimension they are J's
+    eigenvalues. No dense Jacobian is formed; memory is m + 1 vectors of x's size.
+
+    Args:
+      f: `f(x, *args) -> F(x)`, same shape as x. It must be a pure JAX function; a network block
+        in eval mode (BatchNorm with running averages) acts on each example separately.
+      x: `[examples, ...]` the point of linearization (e.g. `[batch, height, width, channels]`).
+      num_steps: Krylov dimension m (at most the dimension per example).
+      num_eigenvalues: how many Ritz values to return (default: all m).
+      key: PRNG key of the start vectors (default `PRNGKey(0)`).
+      per_example: True: one Jacobian per example (`dF(x)_i / dx_i`, the diagonal blocks; for a
+        block acting on each example separately they are its whole Jacobian), one Krylov space
+        each, computed together -- results are per example, nothing is averaged. False: x is one
+        vector and the result the spectrum of the whole batch's Jacobian (`examples = 1`).
+      args: extra arguments of f (e.g. a block's variables): passed as traced arguments, so
+        calls with the same `f` object and shapes reuse one compiled program.
+
+    Returns:
+      A `RitzEstimate` (`values [examples, r]` sorted by decreasing modulus, with residuals).
+    """
+    x = jnp.asarray(x)
+    key = jax.random.PRNGKey(0) if key is None else key
+    start_key, fresh_key = jax.random.split(key)
+    start, examples, size = _start_vectors(start_key, x, per_example)
+    if not (isinstance(num_steps, int) and 1 <= num_steps <= size):
+        raise ValueError(f"num_steps={num_steps!r}: must be an integer in [1, {size}] (the dimension per example)")
+    count = num_steps if num_eigenvalues is None else num_eigenvalues
+    if not (isinstance(count, int) and 1 <= count <= num_steps):
+        raise ValueError(f"num_eigenvalues={num_eigenvalues!r}: must be an integer in [1, num_steps={num_steps}]")
+    fresh, _, _ = _start_vectors(fresh_key, x, per_example, num_steps)
+    hessenberg = _arnoldi_jit(f, tuple(args), x, start[0], fresh, num_steps=num_steps, examples=examples)
+    hessenberg = np.asarray(hessenberg, dtype=np.float64)
+    values, vectors = np.linalg.eig(hessenberg[:, :num_steps, :num_steps])
+    residuals = np.abs(hessenberg[:, num_steps, num_steps - 1])[:, None] * np.abs(vectors[:, num_steps - 1, :])
+    order = np.argsort(-np.abs(values), axis=-1, kind="stable")[:, :count]
+    return RitzEstimate(
+        np.take_along_axis(values, order, axis=-1), np.take_along_axis(residuals, order, axis=-1), num_steps
+    )
+
+
+def jacobian_spectral_radius(
+    f: Callable[..., Any],
+    x: Any,
+    *,
+    num_iterations: int = 100,
+    key: Any = None,
+    per_example: bool = True,
+    args: tuple[Any, ...] = (),
+) -> np.ndarray:
+    """Spectral radius of dF/dx at `x` by power iteration on JVPs: `[examples]` (see
+    `jacobian_eigenvalues` for `f`, `per_example`, `args`).
+
+    The estimate is the mean growth rate over the second half of the iterations,
+    `(|J^m v| / |J^{m/2} v|)^{2/m}`: it converges to the spectral radius whether the dominant
+    eigenvalue is real (geometrically, at rate |lambda_2 / lambda_1|) or a complex pair (the
+    iterates rotate in its plane and `|J v|` oscillates; the mean over half the iterations is off
+    by at most `log(cond) / (m/2)`, cond the condition number of that plane's eigenbasis).
+    """
+    x = jnp.asarray(x)
+    if not (isinstance(num_iterations, int) and num_iterations >= 2):
+        raise ValueError(f"num_iterations={num_iterations!r}: must be an integer >= 2")
+    key = jax.random.PRNGKey(0) if key is None else key
+    start, examples, _ = _start_vectors(key, x, per_example)
+    logs = _power_iteration_jit(f, tuple(args), x, start[0], num_iterations=num_iterations, examples=examples)
+    logs = np.asarray(logs, dtype=np.float64)
+    return np.exp(logs[num_iterations // 2 :].mean(axis=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpectrum:
+    """The Jacobian spectrum of one residual block of a network at the inputs it sees.
+
+    Attributes:
+      name: the step module's path, e.g. "stage1/blocks_0", "stage2/entry",
+        "stage1/tied_block#3" (call 3 of a tied block).
+      index: position among all blocks, in the order the network calls them.
+      transition: block 0 of a shape-changing stage: F maps one shape to another, there is no
+        eigenvalue and no ODE step (`cnn.ode.schemes`); its spectral fields are None.
+      step: the rule the block's step follows, e.g. "lm (k=-0.041)", "euler (start step)".
+      region_scheme, knobs: the scheme and knob values (a block's learned `k_t`) whose stability
+        region applies: the network's scheme, except forward Euler for a multistep scheme's
+        start step (`start="euler"`), and the one-step map `x + h (sum beta) F` for the "copy"
+        start.
+      h: the step size; points are `z = h lambda`.
+      eigenvalues: complex `[examples, r]` Ritz values of dF/dx, decreasing modulus, per example.
+      residuals: `[examples, r]` their Arnoldi residuals.
+      spectral_radius: `[examples]` by power iteration, or None when not asked for.
+    """
+
+    name: str
+    index: int
+    transition: bool
+    step: str
+    region_scheme: Scheme | None
+    knobs: Mapping[str, float]
+    h: float
+    eigenvalues: np.ndarray | None
+    residuals: np.ndarray | None
+    spectral_radius: np.ndarray | None
+
+    @property
+    def h_lambda(self) -> np.ndarray | None:
+        """`h lambda`, `[examples, r]`."""
+        return None if self.eigenvalues is None else self.h * self.eigenvalues
+
+    @property
+    def leading_h_lambda(self) -> np.ndarray | None:
+        """`h lambda` of the largest-modulus eigenvalue of each example, `[examples]`."""
+        return None if self.eigenvalues is None else self.h * self.eigenvalues[:, 0]
+
+    def inside(self, z: Any) -> np.ndarray:
+        """Whether each `z = h lambda` lies in this block's stability region (spectral radius of
+        the step's linear map <= 1)."""
+        if self.region_scheme is None:
+            raise ValueError(f"block {self.name} is a shape-changing transition: it has no stability region")
+        return spectral_radius(self.region_scheme, z, dict(self.knobs)) <= 1.0 + 1e-9
+
+    @property
+    def fraction_inside(self) -> float:
+        """Fraction of examples whose leading `h lambda` lies in the region (nan for a transition)."""
+        if self.eigenvalues is None:
+            return float("nan")
+        return float(np.mean(self.inside(self.leading_h_lambda)))
+
+    @property
+    def is_inside(self) -> bool:
+        """The block counts as inside when at least half of its examples' leading `h lambda` is."""
+        return bool(self.fraction_inside >= 0.5)
+
+
+def _step_region(scheme: Scheme, first: bool, start: str, knobs: Mapping[str, float]) -> tuple[Scheme, dict, str]:
+    """The scheme (and knobs) whose stability region applies to one non-transition step."""
+    from cnn.ode.schemes import Coefficient, euler
+
+    if scheme.kind == "runge_kutta" or not first:
+        label = scheme.name + ("" if not scheme.knobs else " (" + ", ".join(f"{k}={v:.3g}" for k, v in knobs.items()) + ")")
+        return scheme, dict(knobs), label
+    if start == "euler":
+        return euler(scheme.h), {}, "euler (start step)"
+    growth = sum(c(knobs) for c in scheme.alpha)
+    slope = sum(c(knobs) for c in scheme.beta)
+    copy_start = Scheme(
+        f"{scheme.name} start (copy)", f"x_1 = {growth:g} x_0 + {slope:g} h F(x_0)", order=1, h=scheme.h,
+        alpha=(Coefficient(float(growth)),), beta=(Coefficient(float(slope)),),
+    )
+    return copy_start, {}, f"{scheme.name} start step (copy): x + {slope:g} h F"
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockFunction:
+    """A residual block's F in eval mode (running BatchNorm statistics; evaluation 0):
+    `(z, variables) -> F(z)`. Equal (and hashing equal) for equal module definitions, so the
+    jitted estimators compile once per block definition and input shape, across calls."""
+
+    module: Any
+
+    def __call__(self, z: Any, variables: Any) -> Any:
+        return self.module.apply(variables, z, train=False)
+
+
+def block_spectra(
+    model: Any,
+    variables: Mapping[str, Any],
+    x: Any,
+    *,
+    num_steps: int = 20,
+    num_eigenvalues: int = 6,
+    power_iterations: int = 0,
+    key: Any = None,
+) -> list[BlockSpectrum]:
+    """Per residual block of a network built from `cnn.ode.ODEStage`s (e.g. any CifarResNet,
+    any scheme): the leading eigenvalues of dF_t/dx at the state `x_t` the block's step sees on
+    the batch `x`, with the block's stability region.
+
+    The network runs once in eval mode with its identical blocks unrolled (`scan=False`,
+    variables converted by `cnn.ode.stage.unstack_scanned`); an interceptor records every
+    `SchemeStep` call: its input state `x_t`, knob values (learned `k_t`), whether it is the
+    stage's start step, and its residual module and variables. `F_t` is then that module applied
+    in eval mode with evaluation 0, the evaluation at `x_t` itself for every scheme (a
+    Runge-Kutta scheme's later stages are evaluated near it). A post-activation network's ReLU
+    after each step is not part of F (the ODE reading is of the pure scheme).
+
+    Args:
+      model: the Flax model (with `scan` / `remat` attributes if it has them: both are turned off).
+      variables: its `{"params", "batch_stats"}` (scanned or unrolled layout).
+      x: `[batch, height, width, channels]` inputs (e.g. test images).
+      num_steps: Arnoldi steps per block (clipped to the dimension per example).
+      num_eigenvalues: Ritz values kept per example.
+      power_iterations: > 0 also estimates each example's spectral radius by power iteration.
+      key: PRNG key of the start vectors (block i uses `fold_in(key, i)`).
+
+    Returns:
+      One `BlockSpectrum` per block in call order (transition blocks included, without spectra).
+    """
+    import flax.linen as nn
+
+    from cnn.ode.stage import SchemeStep, unstack_scanned
+
+    options = {name: False for name in ("scan", "remat") if hasattr(model, name)}
+    unrolled = model.clone(**options) if options else model
+    unrolled_variables = unstack_scanned(dict(variables))
+    records: list[dict[str, Any]] = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, SchemeStep) and context.method_name == "__call__":
+            (state, _), (knobs, _, _, first) = args[0], args[1]
+            records.append({
+                "path": tuple(module.scope.path), "x": state, "first": bool(first) if first is not None else False,
+                "knobs": {name: float(value) for name, value in knobs.items()}, "block": module.block,
+                "transition": module.shortcut is not None, "scheme": module.scheme, "start": module.start,
+            })
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        unrolled.apply(unrolled_variables, x, train=False)
+
+    key = jax.random.PRNGKey(0) if key is None else key
+    calls: dict[tuple[str, ...], int] = {}
+    spectra = []
+    for index, item in enumerate(records):
+        path = item["path"]
+        calls[path] = calls.get(path, 0) + 1
+        name = "/".join(path) + (f"#{calls[path] - 1}" if path[-1] == "tied_block" else "")
+        scheme: Scheme = item["scheme"]
+        if item["transition"]:
+            spectra.append(BlockSpectrum(name, index, True, "transition (shape change)", None, {}, scheme.h,
+                                         None, None, None))
+            continue
+        region, knobs, label = _step_region(scheme, item["first"], item["start"], item["knobs"])
+        function = _BlockFunction(item["block"](parent=None))
+        block_variables = {}
+        for collection, tree in unrolled_variables.items():
+            node = tree
+            for part in path + ("block",):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if node is not None:
+                block_variables[collection] = node
+        state = item["x"]
+        size = state.size // state.shape[0]
+        steps = min(num_steps, size)
+        block_key = jax.random.fold_in(key, index)
+        estimate = jacobian_eigenvalues(
+            function, state, num_steps=steps, num_eigenvalues=min(num_eigenvalues, steps),
+            key=block_key, args=(block_variables,),
+        )
+        radius = None
+        if power_iterations:
+            radius = jacobian_spectral_radius(function, state, num_iterations=power_iterations,
+                                              key=block_key, args=(block_variables,))
+        spectra.append(BlockSpectrum(name, index, False, label, region, knobs, scheme.h, estimate.values,
+                                     estimate.residuals, radius))
+    return spectra
+
+
+def fraction_inside(spectra: Sequence[BlockSpectrum]) -> float:
+    """Fraction of the non-transition blocks whose leading `h lambda` lies in their stability
+    region (`BlockSpectrum.is_inside`: for at least half of the examples); nan without any."""
+    blocks = [s for s in spectra if not s.transition]
+    return float(np.mean([s.is_inside for s in blocks])) if blocks else float("nan")
+
+
+def plot_spectra_vs_stability(
+    spectra: Sequence[BlockSpectrum],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    extent: tuple[float, float, float, float] | None = None,
+    resolution: int = 241,
+) -> float:
+    """`h lambda` of every block over its scheme's stability region; returns `fraction_inside`.
+
+    Filled dots: each example's leading `h lambda`, coloured by block; small grey dots: the other
+    Ritz values. Shaded: the region of the most common step rule at the median of its blocks'
+    knobs (e.g. LM at the median learned k); each block whose own region differs (its own `k_t`;
+    an Euler start step) has its boundary drawn in its colour. Saved to `path`.
+
+    Note: the leading eigenvalue by modulus is not always the one that leaves the region first
+    (forward Euler's region is the disc |1 + z| <= 1: a small eigenvalue with positive real part
+    is outside), so `BlockSpectrum.inside` of all Ritz values is worth a look too.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = [s for s in spectra if not s.transition]
+    if not blocks:
+        raise ValueError("spectra has no block with an eigenvalue (only transitions); nothing to plot")
+    points = np.concatenate([s.h_lambda.ravel() for s in blocks])
+    if extent is None:
+        extent = (
+            min(-2.5, 1.1 * float(points.real.min())), max(0.5, 1.1 * float(points.real.max())),
+            -max(1.5, 1.1 * float(np.abs(points.imag).max())), max(1.5, 1.1 * float(np.abs(points.imag).max())),
+        )
+    real = np.linspace(extent[0], extent[1], resolution)
+    imag = np.linspace(extent[2], extent[3], resolution)
+    zz = real[None, :] + 1j * imag[:, None]
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 1.0, max(len(blocks), 2)))
+
+    # Shaded: the most common step rule, at the median of its blocks' knob values.
+    rules: dict[Any, list[BlockSpectrum]] = {}
+    for s in blocks:
+        rules.setdefault((s.region_scheme.name, s.region_scheme.formula, s.h), []).append(s)
+    common = max(rules.values(), key=len)
+    shaded_scheme = common[0].region_scheme
+    shaded_knobs = {name: float(np.median([s.knobs[name] for s in common])) for name in common[0].knobs}
+    shaded_label = shaded_scheme.name + "".join(f", median {k}={v:.3g}" for k, v in shaded_knobs.items())
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    radius = spectral_radius(shaded_scheme, zz, shaded_knobs)
+    ax.contourf(real, imag, radius <= 1.0 + 1e-9, levels=[0.5, 1.5], colors=["tab:blue"], alpha=0.2)
+    ax.contour(real, imag, radius, levels=[1.0], colors=["tab:blue"], linewidths=1.0)
+    # Every block whose own region differs (another rule, another k_t): its boundary, its colour.
+    for i, s in enumerate(blocks):
+        if s.region_scheme == shaded_scheme and all(abs(s.knobs[k] - v) < 1e-3 for k, v in shaded_knobs.items()):
+            continue
+        own = spectral_radius(s.region_scheme, zz, dict(s.knobs))
+        ax.contour(real, imag, own, levels=[1.0], colors=[colours[i]], linewidths=0.7, alpha=0.8)
+    for i, s in enumerate(blocks):
+        values = s.h_lambda
+        ax.scatter(values[:, 1:].real.ravel(), values[:, 1:].imag.ravel(), s=3, color="0.6", zorder=2)
+        ax.scatter(values[:, 0].real, values[:, 0].imag, s=12, color=colours[i], zorder=3,
+                   label=s.name if len(blocks) <= 12 else None)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re h λ")
+    ax.set_ylabel("Im h λ")
+    fraction = fraction_inside(spectra)
+    inside = sum(s.is_inside for s in blocks)
+    ax.set_title((title + "\n" if title else "") + f"leading h·λ of dF/dx per block: {inside} of {len(blocks)} "
+                 f"blocks inside ({100 * fraction:.0f}%); shaded: {shaded_label}", fontsize=9)
+    if len(blocks) <= 12:
+        ax.legend(fontsize=6, loc="lower left")
+    else:
+        mappable = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, len(blocks) - 1))
+        fig.colorbar(mappable, ax=ax, label="block (call order, transitions left out)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fraction
+
+
 __all__ = [
     "DEFAULT_STEPS",
+    "BlockSpectrum",
     "ConvergenceResult",
     "Interval",
+    "RitzEstimate",
     "amplification_factor",
+    "block_spectra",
     "characteristic_roots",
     "convergence_study",
     "fit_slope",
+    "fraction_inside",
     "integrate",
+    "jacobian_eigenvalues",
+    "jacobian_spectral_radius",
     "learned_knobs",
     "plot_convergence",
     "plot_learned_knobs",
+    "plot_spectra_vs_stability",
     "plot_stability_regions",
     "rotation_decay",
     "satisfies_root_condition",
