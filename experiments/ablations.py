@@ -29,17 +29,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import compare_schemes, grid  # noqa: E402
+from experiments.configs import base  # noqa: E402
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The fields of an ablation config (experiments/configs/ablations.py fills them)."""
-    config = compare_schemes.base_config()
-    config.name = "ablations"
-    config.depth = 20
-    config.baseline = "euler"
-    # name -> {"knob": group label, "model_options": {...cifar_resnet options...}}
-    config.variants = ml_collections.ConfigDict()
-    return config
+    """The fields of an ablation config (`experiments.configs.base.ablation`)."""
+    return base.ablation()
 
 
 def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:

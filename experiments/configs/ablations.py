@@ -4,7 +4,7 @@ CIFAR ResNet-20 against forward Euler with h = 1 (He et al.'s ResNet).
     python -m experiments.ablations --config=experiments/configs/ablations.py --workdir=runs/ablations
 """
 
-from experiments.ablations import base_config
+from experiments.configs.base import ablation as base_config
 from experiments.configs import demo
 
 

@@ -17,7 +17,7 @@ Targets (CIFAR-10 test error %, the paper's table):
         --config=experiments/configs/cifar10_lm_resnet.py --workdir=runs/cifar10_lm_resnet
 """
 
-from experiments.compare_schemes import base_config
+from experiments.configs.base import scheme_comparison as base_config
 
 PAPER_TEST_ERROR = {
     "euler": {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97},

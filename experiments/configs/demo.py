@@ -9,7 +9,7 @@ depth 8 each stage has one block, so the multistep schemes (lm, ab2, leapfrog) a
     python -m experiments.compare_schemes --config=experiments/configs/demo.py --workdir=runs/demo
 """
 
-from experiments.compare_schemes import base_config
+from experiments.configs.base import scheme_comparison as base_config
 
 
 def get_config():

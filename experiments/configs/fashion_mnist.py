@@ -8,7 +8,7 @@ Needs the original IDX files (set CNN_DATA_DIR, e.g. to ../shared/data):
 `experiments/configs/fashion_mnist_gpu.py` is the larger Euler-vs-LM grid for a GPU.
 """
 
-from experiments.compare_schemes import base_config
+from experiments.configs.base import scheme_comparison as base_config
 
 
 def get_config(dataset: str = "fashion_mnist"):

@@ -5,7 +5,7 @@ one GPU (the LM-ResNet claim tested where real data exists on these machines; CI
         --config=experiments/configs/fashion_mnist_gpu.py --workdir=runs/fashion_mnist_gpu
 """
 
-from experiments.compare_schemes import base_config
+from experiments.configs.base import scheme_comparison as base_config
 
 
 def get_config():

@@ -26,11 +26,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.batch_norm = False
     config.pooling = "avg"  # Gatys et al. replace max pooling by average pooling for synthesis
     config.seed = 0
-    config.content_layer = "conv4_2"
-    config.style_layers = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
-    # Weight of the style loss (content weight 1). The two terms' scales depend on the weights: 0.5
-    # balances them for the random VGG-19 default; re-tune it for pretrained weights.
+    # The paper's conv4_2 and conv1_1 ... conv5_1 are the rectified maps (Caffe's in-place ReLU).
+    config.content_layer = "relu4_2"
+    config.style_layers = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    # Weight of the style loss (content weight 1) in cnn.tasks.style_transfer's normalization. The
+    # two terms' scales depend on the weights: 0.5 balances them for the random VGG-19 default.
     config.alpha = 0.5
+    # Or the paper's alpha/beta (1e-3, 1e-4), converted for the image size; replaces alpha when set.
+    config.content_style_ratio = None
+    # The paper's normalization: every filter scaled to mean activation 1 over the bundled images.
+    config.rescale_weights = False
     config.tv_weight = 0.0
     config.init = "content"  # "content", "noise" (the paper) or "style"
     config.optimizers = ("lbfgs", "adam")  # each writes its own image and loss curve
@@ -45,8 +50,8 @@ def get_tiny_config() -> ml_collections.ConfigDict:
     config = get_config()
     config.image_size = 32
     config.depth = 11
-    config.content_layer = "conv3_1"
-    config.style_layers = ("conv1_1", "conv2_1", "conv3_1")
+    config.content_layer = "relu3_1"
+    config.style_layers = ("relu1_1", "relu2_1", "relu3_1")
     config.alpha = 0.2
     config.steps = 5
     config.init = "noise"

@@ -5,7 +5,7 @@
         --config.num_train_steps=400 --config.optimizer.schedule=cosine
 """
 
-from cnn.train.loop import default_config
+from cnn.train.config import default_config
 
 
 def get_config():

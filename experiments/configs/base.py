@@ -1,0 +1,45 @@
+"""The base configs of the scheme comparison and the ablations: every field those scripts read.
+
+Config files build on these instead of importing the experiment scripts, so loading a config
+pulls in neither matplotlib nor an experiment (only ml_collections and `cnn.train.config`).
+"""
+
+import ml_collections
+
+from cnn.train.config import default_config
+
+
+def scheme_comparison() -> ml_collections.ConfigDict:
+    """Fields every scheme-comparison config sets (`experiments/compare_schemes.py`)."""
+    config = ml_collections.ConfigDict()
+    config.name = "compare_schemes"
+    config.schemes = ("euler", "lm")
+    # Per-scheme options for cnn.ode.get_scheme, e.g. {"backward_euler": {"iterations": 2}}.
+    config.scheme_options = ml_collections.ConfigDict()
+    config.depths = (20,)
+    config.seeds = (0,)
+    config.model = "cifar_resnet"
+    config.model_options = ml_collections.ConfigDict({"width": 16})  # common to every cell
+    # Per-scheme model options on top, e.g. {"lm": {"preactivation": True, "shortcut": "B"}} for
+    # the LM-ResNet paper's networks next to He et al.'s original ResNets.
+    config.scheme_model_options = ml_collections.ConfigDict()
+    config.train = default_config()
+    config.train.model = "cifar_resnet"
+    config.train.progress = False  # one bar over cells instead
+    config.data_in_memory = False  # read TFDS datasets' raw files straight into RAM
+    config.only = ()  # cell names to (re)run; () runs every unfinished cell
+    config.noise_sigmas = 2.0  # a difference counts only beyond this many standard errors
+    config.progress = True  # a bar over cells
+    config.report_only = False  # only (re)write the report from the finished cells
+    return config
+
+
+def ablation() -> ml_collections.ConfigDict:
+    """The fields of an ablation config (`experiments/ablations.py`)."""
+    config = scheme_comparison()
+    config.name = "ablations"
+    config.depth = 20
+    config.baseline = "euler"
+    # name -> {"knob": group label, "model_options": {...cifar_resnet options...}}
+    config.variants = ml_collections.ConfigDict()
+    return config
