@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import pathlib
+import shutil
+import uuid
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -230,18 +232,22 @@ def prepare(
 
     A prepared dataset is reused while the raw files it was built from are unchanged (same
     paths, sizes and modification times) or absent; if different raw files are found it is
-    rebuilt from them.
+    rebuilt from them. The raw files are verified (checksums) before anything prepared is
+    touched, and a rebuild writes next to the previous copy, which is put back if the rebuild
+    fails: a corrupted raw file never costs the good prepared dataset.
 
     Raises:
-      ValueError: unknown `name`, or a corrupted file (checksum, truncation).
+      ValueError: unknown `name`, or a corrupted file (checksum, truncation); the message says
+        whether a previously prepared copy was kept.
       FileNotFoundError: nothing prepared and raw files missing (names file and places searched).
     """
     if name not in BUILDERS:
         raise ValueError(f"name={name!r} has no offline builder; valid: {sorted(BUILDERS)}")
-    builder = BUILDERS[name](data_dir=str(resolve_prepared_dir(prepared_dir)), file_format="array_record")
+    root = resolve_prepared_dir(prepared_dir)
+    builder = BUILDERS[name](data_dir=str(root), file_format="array_record")
     record_path = pathlib.Path(builder.data_path) / _SOURCE_RECORD
-    raw = None
-    if is_prepared(builder):
+    previous = is_prepared(builder)
+    if previous:
         try:
             raw = files.locate(name, data_dir)
         except FileNotFoundError:
@@ -250,17 +256,52 @@ def prepare(
         if recorded == raw.fingerprint():
             return builder
         logging.info("%s: raw files changed since %s was prepared; rebuilding", name, builder.data_path)
-        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
     else:
-        mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    raw = raw or files.locate(name, data_dir)
-    builder.raw_files = raw
-    builder.verify_checksums = verify_checksums
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(raw.directory), download_mode=mode)
+        raw = files.locate(name, data_dir)
+    kept = (
+        f" The previously prepared copy at {builder.data_path} was left as it was; it is used again once the raw "
+        "files are restored (or removed)."
+        if previous
+        else ""
     )
-    pathlib.Path(builder.data_path, _SOURCE_RECORD).write_text(json.dumps(raw.fingerprint(), indent=1))
-    if builder.train_statistics is not None:
-        path = pathlib.Path(builder.data_path) / stats.STATS_FILE
-        stats.write_statistics(path, statistics_key(builder), *builder.train_statistics)
+    if verify_checksums:
+        try:
+            files.verify_raw_checksums(raw)
+        except ValueError as error:
+            raise ValueError(f"{error}{kept}") from None
+    return _build(name, raw, root, kept=kept)
+
+
+def _build(name: str, raw: files.RawFiles, root: pathlib.Path, *, kept: str) -> tfds.core.DatasetBuilder:
+    """Prepares `name` from verified raw files into `root`; a previous copy is moved aside first
+    and put back if preparing fails."""
+    data_path = pathlib.Path(BUILDERS[name](data_dir=str(root), file_format="array_record").data_path)
+    backup = None
+    if data_path.exists():
+        backup = root / ".previous" / f"{data_path.parent.name}-{data_path.name}-{uuid.uuid4().hex[:8]}"
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        data_path.rename(backup)  # same file system: atomic, nothing copied
+    try:
+        builder = BUILDERS[name](data_dir=str(root), file_format="array_record")
+        builder.raw_files = raw
+        builder.verify_checksums = False  # verified by prepare() before anything was touched
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=str(raw.directory), download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+            )
+        )
+        pathlib.Path(builder.data_path, _SOURCE_RECORD).write_text(json.dumps(raw.fingerprint(), indent=1))
+        if builder.train_statistics is not None:
+            path = pathlib.Path(builder.data_path) / stats.STATS_FILE
+            stats.write_statistics(path, statistics_key(builder), *builder.train_statistics)
+    except BaseException as error:
+        if backup is not None:
+            if data_path.exists():
+                shutil.rmtree(data_path)
+            backup.rename(data_path)
+        if kept and isinstance(error, ValueError):  # e.g. a truncated file found while decoding
+            raise ValueError(f"{error}{kept}") from error
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     return builder

@@ -39,8 +39,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn.train import ensemble as ensemble_lib, optim, parallel as parallel_lib, steps as steps_lib
+from cnn.train import ensemble as ensemble_lib, optim, parallel as parallel_lib, rundir, steps as steps_lib
 from cnn.train.checkpoint import Checkpointer, tree_is_finite
+from cnn.train.errors import DataError
 from cnn.train.config import (
     DTYPES,
     augment_fn_from_config,
@@ -516,6 +517,33 @@ def _checkpointer(config: ml_collections.ConfigDict, task: Task, workdir: pathli
                         async_save=bool(config.checkpoint.async_save))
 
 
+def _claim_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, primary: bool):
+    """Checks, before anything is compiled, that a config `workdir` already holds is this one
+    (`cnn.train.rundir`).
+
+    Returns:
+      `(action, stored config or None)`, action one of "fresh", "same", "restart", "extend".
+
+    Raises:
+      RunConfigMismatchError: the workdir was made by another config (keys old -> new, fixes).
+    """
+    action = rundir.check_run_config(workdir, config, on_mismatch=str(config.on_mismatch))
+    stored = rundir.read_run_config(workdir) if action == "extend" else None
+    return action, stored
+
+
+def _prepare_workdir(workdir: pathlib.Path, action: str, primary: bool) -> None:
+    """Clears the run for on_mismatch="restart" and checks checkpoints/ can be written (after
+    the config proved valid, so that a bad config leaves the directory untouched)."""
+    if primary and action == "restart":
+        rundir.reset_run_directory(workdir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("cnn.train.fit: run directory prepared")
+    rundir.ensure_writable(workdir / "checkpoints")
+
+
 def _warn_if_gpu_nondeterministic(config: ml_collections.ConfigDict) -> None:
     if config.deterministic and parallel_lib.gpu_determinism_missing():
         warnings.warn(
@@ -558,6 +586,9 @@ def fit(
 
     Raises:
       ValueError / FileNotFoundError: invalid config (before any compilation).
+      RunConfigMismatchError: `workdir` holds a run of another config (`config.on_mismatch`:
+        "restart" trains it again from step 0, "extend" continues a run whose budget grew).
+      FileSystemError: `workdir` cannot be written.
       NonFiniteLossError: the loss became NaN/Inf; names the step and the last good checkpoint.
     """
     started = time.perf_counter()
@@ -572,11 +603,16 @@ def fit(
     validate_config(config, data_parallel, check_optimizer=False, check_dataset=datasets is None)
     _warn_if_gpu_nondeterministic(config)
     workdir, primary = pathlib.Path(workdir).absolute(), parallel_lib.is_primary()
+    action, stored = _claim_workdir(workdir, config, primary)
 
-    data = RunData(config, task, datasets, ensemble)
+    try:
+        data = RunData(config, task, datasets, ensemble)
+    except (ValueError, OSError) as error:
+        raise DataError(f"config.dataset={config.dataset!r}: {error}") from error
     length = RunLength.from_config(config, int(data.train.steps_per_epoch))
     model = create_model(config, task, data_parallel, data.input_shape)
     tx, _, train_step, eval_step = compiled_steps(config, task, model, data_parallel, augment_fn, length)
+    _prepare_workdir(workdir, action, primary)
     seeds = int(config.seed) if ensemble is None else ensemble.seeds
     state, overlaid = initial_state(model, tx, seed=seeds, input_shape=data.input_shape, init_variables=init_variables)
     if primary:
@@ -585,11 +621,18 @@ def fit(
 
     checkpointer = _checkpointer(config, task, workdir)
     loop_state: dict[str, Any] = {}
-    resume_step = checkpointer.latest_step()
-    if resume_step is not None:
-        state, data_state, loop_state = checkpointer.restore(state, resume_step)
+    resume_step = None
+    if checkpointer.latest_step() is not None:  # the newest intact checkpoint (broken ones are set aside)
+        state, data_state, loop_state = checkpointer.restore(state)
+        resume_step = int(np.asarray(state.step).reshape(-1)[0])
         data.train.set_state(data_state)
     logger = RunLogger(workdir, enabled=primary, resume_step=-1 if resume_step is None else resume_step)
+    if action == "extend":
+        extension = rundir.extension_record(stored, config, from_step=int(resume_step or 0),
+                                            total_steps=length.total_steps)
+        warnings.warn(extension["note"], stacklevel=2)
+        if primary:
+            rundir.record_extension(workdir, extension)
     run = Training(config=config, task=task, data_parallel=data_parallel, data=data, length=length, state=state,
                    steps=(train_step, eval_step), checkpointer=checkpointer, logger=logger, loop_state=loop_state,
                    primary=primary)
@@ -623,6 +666,7 @@ def fit(
                    "task": task.record(), "num_params": num_params, "init_variables": overlaid}
         if ensemble is not None:
             results["members"] = member_best_steps(logger.records, ensemble.seeds, task, config)
+        results["extensions"] = rundir.read_extensions(workdir)
         (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     return FitResult(state=final_state, train_history=logger.history("train"), eval_history=logger.history("eval"),
                      final_eval=final_eval, workdir=workdir, steps=length.total_steps, best_step=best_step,

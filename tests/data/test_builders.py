@@ -1,9 +1,13 @@
 """The offline TFDS builders: real MNIST / Fashion-MNIST files, CIFAR files written by the test."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
+import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -317,3 +321,72 @@ def test_in_memory_source_equals_the_tfds_records(name, real_builders, prepared_
     from_tfds = next(data.load(name, "train[:1000]", prepared_dir=prepared_dir, try_tfds=False, **kwargs))
     np.testing.assert_array_equal(from_memory["image"], from_tfds["image"])
     np.testing.assert_array_equal(from_memory["label"], from_tfds["label"])
+
+
+def _write_small_mnist(folder, rng, shift=0):
+    """Four small IDX files; returns the arrays written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte.gz": ((np.arange(5) + shift) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte.gz": np.array([7, 1, 4], np.uint8),
+    }
+    for name, array in arrays.items():
+        formats.write_idx_gz(folder / name, array)
+    return arrays
+
+
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_corrupted_raw_file_leaves_the_prepared_dataset_intact(tmp_path, rng, monkeypatch):
+    """The issue's probe: a raw IDX file corrupted after preparation used to delete the good
+    prepared copy before its checksum failed."""
+    raw = tmp_path / "raw" / "mnist"
+    written = _write_small_mnist(raw, rng)
+    # These small files are "the originals": their SHA-256, computed here, are the published ones.
+    published = {name: ("sha256", hashlib.sha256((raw / name).read_bytes()).hexdigest()) for name in written}
+    monkeypatch.setitem(files.KNOWN_CHECKSUMS, "mnist", published)
+    options = dict(data_dir=tmp_path / "raw", prepared_dir=tmp_path / "prepared", try_tfds=False)
+    first = next(data.load("mnist", "train", 5, shuffle=False, **options))
+    np.testing.assert_array_equal(first["image"][..., 0], written["train-images-idx3-ubyte.gz"])
+    builder = builders.prepare("mnist", data_dir=tmp_path / "raw", prepared_dir=tmp_path / "prepared")
+    prepared = pathlib.Path(builder.data_path)
+    good = _tree_bytes(prepared)
+    assert any(name.startswith("cnn_mnist-train.array_record") for name in good)
+
+    # Another image file (same size, a new modification time): the checksum fails before anything is touched.
+    formats.write_idx_gz(raw / "train-images-idx3-ubyte.gz", 255 - written["train-images-idx3-ubyte.gz"])
+    with pytest.raises(ValueError, match=r"checksum mismatch for .*train-images-idx3-ubyte.gz[\s\S]*previously "
+                                         rf"prepared copy at {re.escape(str(prepared))} was left as it was"):
+        data.load("mnist", "train", 5, shuffle=False, **options)
+    assert _tree_bytes(prepared) == good
+
+    # A truncated file with checksums off: preparing fails while decoding; the old copy is put back.
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(formats.idx_bytes(written["train-images-idx3-ubyte.gz"])[:-100]))
+    with pytest.raises(ValueError, match=r"truncated or corrupted[\s\S]*was left as it was"):
+        builders.prepare("mnist", data_dir=tmp_path / "raw", prepared_dir=tmp_path / "prepared",
+                         verify_checksums=False)
+    assert _tree_bytes(prepared) == good
+    assert not list((tmp_path / "prepared" / ".previous").iterdir())
+
+    # With the damaged raw files gone, the intact prepared copy is served.
+    shutil.rmtree(raw)
+    again = next(data.load("mnist", "train", 5, shuffle=False, **options))
+    np.testing.assert_array_equal(again["image"], first["image"])
+    np.testing.assert_array_equal(again["label"], written["train-labels-idx1-ubyte.gz"])
+
+
+def test_a_rebuild_from_good_new_raw_files_replaces_the_prepared_copy(tmp_path, rng):
+    options = dict(data_dir=tmp_path / "raw", prepared_dir=tmp_path / "prepared", try_tfds=False,
+                   verify_checksums=False)
+    _write_small_mnist(tmp_path / "raw" / "mnist", rng)
+    next(data.load("mnist", "test", 3, shuffle=False, **options))
+    newer = _write_small_mnist(tmp_path / "raw" / "mnist", rng, shift=3)
+    batch = next(data.load("mnist", "train", 5, shuffle=False, **options))
+    np.testing.assert_array_equal(batch["label"], newer["train-labels-idx1-ubyte.gz"])
+    np.testing.assert_array_equal(batch["image"][..., 0], newer["train-images-idx3-ubyte.gz"])
+    assert not list((tmp_path / "prepared" / ".previous").iterdir())  # the old copy was removed
