@@ -41,34 +41,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cnn.models.cifar_resnet import blocks_per_stage  # noqa: E402
 from cnn.ode import get_scheme  # noqa: E402
 from cnn.train import loop  # noqa: E402
-from experiments import grid  # noqa: E402
+from experiments import grid, stats  # noqa: E402
+from experiments.configs import base  # noqa: E402
 
 REFERENCE_SCHEME = "euler"
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every scheme-comparison config sets (the configs in experiments/configs override)."""
-    config = ml_collections.ConfigDict()
-    config.name = "compare_schemes"
-    config.schemes = ("euler", "lm")
-    # Per-scheme options for cnn.ode.get_scheme, e.g. {"backward_euler": {"iterations": 2}}.
-    config.scheme_options = ml_collections.ConfigDict()
-    config.depths = (20,)
-    config.seeds = (0,)
-    config.model = "cifar_resnet"
-    config.model_options = ml_collections.ConfigDict({"width": 16})  # common to every cell
-    # Per-scheme model options on top, e.g. {"lm": {"preactivation": True, "shortcut": "B"}} for
-    # the LM-ResNet paper's networks next to He et al.'s original ResNets.
-    config.scheme_model_options = ml_collections.ConfigDict()
-    config.train = loop.default_config()
-    config.train.model = "cifar_resnet"
-    config.train.progress = False  # one bar over cells instead
-    config.data_in_memory = False  # read TFDS datasets' raw files straight into RAM
-    config.only = ()  # cell names to (re)run; () runs every unfinished cell
-    config.noise_sigmas = 2.0  # a difference counts only beyond this many standard errors
-    config.progress = True  # a bar over cells
-    config.report_only = False  # only (re)write the report from the finished cells
-    return config
+    """Fields every scheme-comparison config sets (`experiments.configs.base.scheme_comparison`)."""
+    return base.scheme_comparison()
 
 
 def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
@@ -78,10 +59,13 @@ def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
         get_scheme(scheme, **dict(config.scheme_options.get(scheme, {})))  # fail early on bad names
     for depth in config.depths:
         blocks_per_stage(depth)
+    identical = identical_cells(config)  # computed as Euler's network: not trained
     result = []
     for seed in config.seeds:
         for depth in config.depths:
             for scheme in config.schemes:
+                if (scheme, int(depth)) in identical:
+                    continue
                 model_options = {"depth": int(depth), "scheme": scheme}
                 model_options.update(dict(config.scheme_model_options.get(scheme, {})))
                 if scheme in config.scheme_options:
@@ -125,9 +109,19 @@ def datasets_factory(config: ml_collections.ConfigDict) -> loop.DatasetFactory |
 # Table
 
 
-def evaluations_per_forward(scheme: str, depth: int, options: Mapping[str, Any]) -> int:
-    """Nominal residual-function evaluations of one forward pass: evaluations per step x blocks."""
-    return get_scheme(scheme, **dict(options)).evals_per_step * 3 * blocks_per_stage(depth)
+def evaluations_per_forward(config: ml_collections.ConfigDict, scheme: str, depth: int) -> int:
+    """Residual-function evaluations of one forward pass of the network a cell trains, counted
+    from the calls the network makes (`cnn.ode.stage.count_f_evaluations`, traced, not run):
+    a Runge-Kutta scheme takes a one-evaluation Euler step at each shape-changing block, and an
+    implicit step counts its maximum sweeps (all are computed)."""
+    from cnn import models
+    from cnn.ode.stage import count_f_evaluations
+
+    options = {**training_base(config).model_options.to_dict(), "depth": int(depth), "scheme": scheme}
+    options.update(dict(config.scheme_model_options.get(scheme, {})))
+    if scheme in config.scheme_options:
+        options["scheme_options"] = dict(config.scheme_options[scheme])
+    return count_f_evaluations(models.create(config.model, **options), (1, 32, 32, 3))
 
 
 def _format_difference(difference: float, error: float, verdict: str, is_reference: bool) -> str:
@@ -138,62 +132,103 @@ def _format_difference(difference: float, error: float, verdict: str, is_referen
     return f"{100 * difference:+.2f} ± {100 * error:.2f} ({verdict})"
 
 
-def table_rows(config: ml_collections.ConfigDict, stats: Sequence[grid.GroupStats]) -> tuple[list[str], list[list[Any]], list[str]]:
-    """Header, rows and notes of the results table (rows ordered by depth, then scheme)."""
+def identical_cells(config: ml_collections.ConfigDict) -> set[tuple[str, int]]:
+    """`(scheme, depth)` cells whose network is exactly the Euler cell's at that depth (the
+    schemes' own step rules decide: `experiments.stats.computes_euler_network`), e.g. multistep
+    schemes at one block per stage. They are not trained and are reported as identical. Empty
+    when Euler is not among the schemes or the model is not the CIFAR ResNet."""
+    if REFERENCE_SCHEME not in config.schemes or config.model != "cifar_resnet":
+        return set()
+    reference_options = dict(config.scheme_model_options.get(REFERENCE_SCHEME, {}))
+    found = set()
+    for scheme in config.schemes:
+        options = dict(config.scheme_model_options.get(scheme, {}))
+        if scheme == REFERENCE_SCHEME or options != reference_options:
+            continue
+        model_options = {**config.model_options.to_dict(), **options}
+        for depth in config.depths:
+            if stats.computes_euler_network(
+                scheme, dict(config.scheme_options.get(scheme, {})), blocks_per_stage(int(depth)),
+                start=model_options.get("start", "euler"),
+                history_at_entry=model_options.get("history_at_entry", "restart"),
+            ):
+                found.add((scheme, int(depth)))
+    return found
+
+
+def paired_comparisons(config: ml_collections.ConfigDict, summaries: Sequence[Mapping[str, Any]]) -> stats.PairedComparison:
+    """Every scheme against Euler at the same depth, and LM at depth d against Euler at twice
+    the blocks (depth 2d - 2, the LM-ResNet paper's claim) where both were trained: paired by
+    seed, Holm-corrected together (`experiments.stats.compare_paired`)."""
+    accuracies: dict[tuple[str, int], dict[int, float]] = {}
+    for summary in summaries:
+        labels = summary["labels"]
+        accuracies.setdefault((labels["scheme"], int(labels["depth"])), {})[int(labels["seed"])] = summary["test_accuracy"]
+    identical = identical_cells(config)
+    comparisons = []
+    for depth in map(int, config.depths):
+        for scheme in config.schemes:
+            key = (scheme, depth)
+            if scheme != REFERENCE_SCHEME and (key in accuracies or key in identical):
+                comparisons.append((key, (REFERENCE_SCHEME, depth)))
+    for depth in map(int, config.depths):
+        deeper = (REFERENCE_SCHEME, 2 * depth - 2)
+        if ("lm", depth) in accuracies and deeper in accuracies:
+            comparisons.append((("lm", depth), deeper))
+    comparisons = [(a, b) for a, b in comparisons if b in accuracies]
+    return stats.compare_paired(accuracies, comparisons, identical=identical, alpha=float(config.alpha),
+                                power=float(config.power))
+
+
+def _label(key: tuple[str, int]) -> str:
+    return f"{key[0]}-d{key[1]}"
+
+
+def table_rows(
+    config: ml_collections.ConfigDict, group_stats: Sequence[grid.GroupStats], summaries: Sequence[Mapping[str, Any]]
+) -> tuple[list[str], list[list[Any]], list[str], stats.PairedComparison]:
+    """Header, rows and notes of the results table (rows ordered by depth, then scheme), and the
+    paired comparisons behind its Δ column."""
     header = [
         "scheme", "depth", "params", "F evals / forward", "test acc % (mean ± std)", "seeds",
-        f"Δ vs {REFERENCE_SCHEME} (pp ± s.e.)", "train loss", "ms / step", "compile s",
+        f"Δ vs {REFERENCE_SCHEME} pp (paired mean [95% CI])", "flag (Holm)", "train loss", "ms / step", "compile s",
     ]
-    by_key = {(s.labels["scheme"], s.labels["depth"]): s for s in stats}
-    rows, notes = [], []
-    for depth in config.depths:
-        reference = by_key.get((REFERENCE_SCHEME, int(depth)))
+    by_key = {(s.labels["scheme"], s.labels["depth"]): s for s in group_stats}
+    comparison = paired_comparisons(config, summaries)
+    by_pair = {(row.candidate, row.reference): row for row in comparison.rows}
+    identical = identical_cells(config)
+    rows = []
+    for depth in map(int, config.depths):
         for scheme in config.schemes:
-            stat = by_key.get((scheme, int(depth)))
+            key = (scheme, depth)
+            stat = by_key.get((REFERENCE_SCHEME, depth) if key in identical else key)
             if stat is None:
                 continue
-            options = config.scheme_options.get(scheme, {})
-            if reference is not None:
-                difference, error, verdict = grid.compare_to_reference(stat, reference, config.noise_sigmas)
-                delta = _format_difference(difference, error, verdict, scheme == REFERENCE_SCHEME)
-                if scheme != REFERENCE_SCHEME and verdict in ("better", "worse"):
-                    notes.append(
-                        f"depth {depth}: {scheme} is {verdict} than {REFERENCE_SCHEME} by "
-                        f"{100 * abs(difference):.2f} points (> {config.noise_sigmas:g} standard errors)."
-                    )
+            row = by_pair.get((key, (REFERENCE_SCHEME, depth)))
+            if scheme == REFERENCE_SCHEME:
+                delta, flag = "reference", ""
+            elif key in identical:
+                delta, flag = "0 (same network as euler)", "identical"
+            elif row is None or row.difference is None or row.flag == "n/a":
+                delta, flag = "n/a", ""
             else:
-                delta = "n/a"
+                d = row.difference
+                delta, flag = f"{100 * d.mean:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]", row.flag
             rows.append([
                 scheme,
                 depth,
                 f"{stat.params:,}",
-                evaluations_per_forward(scheme, int(depth), options),
+                evaluations_per_forward(config, scheme, depth),
                 f"{100 * stat.accuracy_mean:.2f} ± {100 * stat.accuracy_std:.2f}",
-                stat.count,
+                "= euler" if key in identical else stat.count,
                 delta,
+                flag,
                 f"{stat.train_loss_mean:.4f}",
                 f"{1000 * stat.seconds_per_step:.1f}",
                 f"{stat.seconds_to_first_step:.1f}",
             ])
-    comparisons = sum(1 for row in rows if row[0] != REFERENCE_SCHEME and row[6] != "n/a")
-    if not notes:
-        notes.append(
-            f"No scheme differs from {REFERENCE_SCHEME} by more than {config.noise_sigmas:g} standard errors "
-            "at any depth: on this budget the schemes are within seed noise of each other."
-        )
-    else:
-        flags_note = grid.chance_note(len(notes), comparisons, config.noise_sigmas)
-        notes += [flags_note] if flags_note else []
-    one_block = [int(d) for d in config.depths if config.model == "cifar_resnet" and blocks_per_stage(int(d)) == 1]
-    schemes = {s: get_scheme(s, **dict(config.scheme_options.get(s, {}))) for s in config.schemes}
-    multistep = [name for name, s in schemes.items() if s.num_past_states or s.num_past_derivatives]
-    if one_block and multistep:
-        notes.append(
-            f"At depth {', '.join(map(str, one_block))} every stage has a single block, which a multistep scheme "
-            f"starts with an Euler step: {', '.join(multistep)} compute the same network as euler there "
-            "(their learnable knobs are unused)."
-        )
-    return header, rows, notes
+    notes = comparison.notes(label=_label)
+    return header, rows, notes, comparison
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,12 +318,13 @@ def write_report(
     command: str,
 ) -> pathlib.Path:
     """Writes results.md, results.csv and plots/ from the cell summaries."""
-    stats = grid.group_stats(summaries)
-    header, rows, notes = table_rows(config, stats)
+    group_stats = grid.group_stats(summaries)
+    header, rows, notes, comparison = table_rows(config, group_stats, summaries)
+    paired_header, paired_rows = comparison.table(label=_label)
     plots = workdir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(stats, "depth", plots / "accuracy_vs_depth.png")
-    plot_accuracy(stats, "params", plots / "accuracy_vs_params.png")
+    plot_accuracy(group_stats, "depth", plots / "accuracy_vs_depth.png")
+    plot_accuracy(group_stats, "params", plots / "accuracy_vs_params.png")
     deepest = max(int(d) for d in config.depths)
     plot_learning_curves(summaries, deepest, plots / "learning_curves.png")
     has_k = plot_learned_k(summaries, plots / "lm_k.png")
@@ -298,10 +334,7 @@ def write_report(
     lines = [
         f"# Scheme comparison: {config.name}",
         "",
-        f"- dataset: `{train.dataset}` ({train.train_split} / {train.eval_split}); budget {budget} of batch "
-        f"{train.batch_size}; optimizer {train.optimizer.name} lr {train.optimizer.learning_rate:g} "
-        f"({train.optimizer.schedule}), weight decay {train.optimizer.weight_decay:g}; augmentation "
-        f"`{train.augment or 'none'}`; dtype {train.dtype}",
+        f"- {grid.training_header(summaries)}",
         f"- model: `{config.model}` {json.dumps(config.model_options.to_dict())}"
         + (f", per scheme {json.dumps(config.scheme_model_options.to_dict())}" if config.scheme_model_options else "")
         + f"; seeds {list(config.seeds)} "
@@ -311,12 +344,22 @@ def write_report(
         "",
         grid.markdown_table(header, rows),
         "",
-        "Test accuracy is the final model's, mean ± sample standard deviation over seeds. "
-        f"Δ is the difference to {REFERENCE_SCHEME} at the same depth in percentage points with its standard "
-        f"error; it counts as a difference only beyond {config.noise_sigmas:g} standard errors. "
-        "F evals / forward is nominal (evaluations per step x blocks). ms / step is the median over logged "
-        "windows after the first; compile s is the time from the start of training to the first step "
-        "(mostly compilation) of the seed that compiled.",
+        "Test accuracy is the final model's, mean ± sample standard deviation over seeds. Δ is the mean of "
+        f"the per-seed differences to {REFERENCE_SCHEME} at the same depth (a seed fixes the data order and the "
+        "initial block weights for every scheme), in percentage points, with its 95% t interval; a flag means "
+        f"Holm's correction over every comparison of the report rejects at family-wise level {config.alpha:g}. "
+        "Cells that compute the Euler network exactly are not trained (`= euler`). "
+        "F evals / forward counts the residual-function calls of one forward pass of the network (an Euler "
+        "step at each shape-changing block; an implicit step's maximum sweeps). ms / step is the median over logged "
+        "windows after the first (per seed: an ensemble's step time divided by its members); compile s is the "
+        "time from the start of training to the first step (mostly compilation).",
+        "",
+        "## Paired comparisons",
+        "",
+        grid.markdown_table(paired_header, paired_rows),
+        "",
+        "MDD: the smallest true paired difference this many seeds detect with the stated power at the "
+        "Bonferroni level alpha / m (a guaranteed bound under Holm), from the observed spread of the differences.",
         "",
         "## Verdict",
         "",
@@ -332,9 +375,9 @@ def write_report(
         lines.append("![learned k_t](plots/lm_k.png)")
     lines += [
         "",
-        "Every cell is a complete run directory under `cells/` (config.json, metrics.jsonl, TensorBoard "
-        "events, checkpoints, cell.json). Rerun one alone by deleting its cell.json and passing "
-        "`--config.only='(\"<cell name>\",)'`.",
+        "Every cell has its config.json and cell.json under `cells/`; cells trained together as an ensemble "
+        "of seeds have their run directory (metrics.jsonl, TensorBoard events, checkpoints) under `packs/`. "
+        "A rerun with another config is refused; `--config.train.on_mismatch=restart` redoes changed cells.",
         "",
     ]
     report = workdir / "results.md"

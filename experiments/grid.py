@@ -2,9 +2,18 @@
 
 A *cell* is one training run: a name, overrides of the base training config (model options,
 seed, ...) and where it lives (`<workdir>/cells/<name>/`, a complete `cnn.train` run
-directory). A finished cell holds `cell.json` (its summary) and is never retrained; an
+directory). A finished cell holds `cell.json` (its summary) and is not retrained; an
 interrupted one resumes from its last checkpoint. Any cell can be rerun alone by naming it in
 `config.only`.
+
+A cell is reused only for the config that made it: before anything is trained, every cell of
+the grid that has a stored `config.json` is compared with the config requested for it
+(`cnn.train.rundir.config_differences`: the keys that change results). Any difference stops the
+run with the differing keys per cell, unless `on_mismatch` (the experiment config's
+`on_mismatch`, else its training config's, `--config.train.on_mismatch=`) is "restart" (such
+cells are trained again from step 0) or "extend" (only the budget grew: such cells continue to
+it). Reports describe the training from the cells' own stored configs (`training_header`), not
+from the requested one.
 
 Used by `experiments/compare_schemes.py` (scheme x depth x seed) and `experiments/ablations.py`
 (named variants x seed).
@@ -19,6 +28,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +39,7 @@ from tqdm.auto import tqdm
 
 from cnn import models
 from cnn.ode import analysis, get_scheme
-from cnn.train import loop
+from cnn.train import ensemble, errors, loop, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,58 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell) -> ml_collections.C
     return config
 
 
+def requested_cell_config(base: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
+    """The config `fit` stores in the cell's config.json when it trains `cell`: `cell_config`
+    with the trainer's defaults filled in and the default task's record (`task_options`)."""
+    config = loop.resolve_config(cell_config(base, cell))
+    if "task_options" in config and hasattr(loop, "task_from_config"):
+        config.task_options = ml_collections.ConfigDict(loop.task_from_config(config).record())
+    return config
+
+
+def cell_differences(
+    base: ml_collections.ConfigDict, cell: Cell, workdir: str | os.PathLike
+) -> list[tuple[str, Any, Any]] | None:
+    """`(key, stored, requested)` for every result key in which the cell's stored config.json
+    differs from the requested config; None when the cell has no stored config (never started)."""
+    stored = rundir.read_run_config(pathlib.Path(workdir) / "cells" / cell.name)
+    if stored is None:
+        return None
+    return rundir.config_differences(stored, requested_cell_config(base, cell))
+
+
+def _can_extend(base: ml_collections.ConfigDict, cell: Cell, workdir: pathlib.Path) -> bool:
+    stored = rundir.read_run_config(workdir / "cells" / cell.name)
+    return stored is not None and rundir.is_extension(stored, requested_cell_config(base, cell))
+
+
+def stale_cells_error(
+    stale: Mapping[str, Sequence[tuple[str, Any, Any]]], workdir: str | os.PathLike, *, extendable: bool
+) -> errors.RunConfigMismatchError:
+    """The refusal to reuse cells made by another config: each cell's differing keys (old -> new)
+    and the fixes."""
+    lines = [
+        f"{len(stale)} cell(s) under {pathlib.Path(workdir) / 'cells'} were trained with another config "
+        "(keys that change results differ from their config.json):"
+    ]
+    for name, differences in stale.items():
+        changes = "; ".join(
+            f"{key}: {rundir.show_value(old)} -> {rundir.show_value(new)}" for key, old, new in differences
+        )
+        lines.append(f"  {name}: {changes}")
+    fixes = [
+        "use a new --workdir for this config (keeps these results)",
+        "or pass --config.train.on_mismatch=restart (or set on_mismatch='restart' in the experiment config) to "
+        "train these cells again from step 0",
+    ]
+    if extendable:
+        fixes.append("or pass --config.train.on_mismatch=extend to continue them to the new budget (the learning-rate "
+                     "schedule is recomputed over the new total)")
+    lines.append("Fix: " + ";\n     ".join(fixes) + ".")
+    differences = [(f"{name}:{key}", old, new) for name, diffs in stale.items() for key, old, new in diffs]
+    return errors.RunConfigMismatchError("\n".join(lines), differences=differences, workdir=pathlib.Path(workdir))
+
+
 def _median_step_seconds(history: Sequence[Mapping[str, Any]], batch_size: int) -> float:
     """Median wall time per step over the logged windows, leaving out the first (it compiles)."""
     rates = [record["train/examples_per_sec"] for record in history if "train/examples_per_sec" in record]
@@ -69,11 +131,23 @@ def _median_step_seconds(history: Sequence[Mapping[str, Any]], batch_size: int) 
     return float(batch_size / np.median(rates)) if rates else float("nan")
 
 
-def _learned_knobs(params: Mapping[str, Any], scheme_name: str | None) -> dict[str, list[float]]:
+def _learned_knobs(
+    params: Mapping[str, Any], scheme_name: str | None, scheme_options: Mapping[str, Any] | None = None
+) -> dict[str, list[float]]:
+    """`{knob: values of every block that has one, in stage order}` of a trained model.
+
+    `scheme_options` must be those the model was built with (`model_options["scheme_options"]`):
+    a constrained knob stores `raw` and has the value `tanh(raw)`, which only the scheme built
+    with `constrain=True` knows. Reads through `cnn.ode.stage.knob_values`, as every reader of
+    learned knobs does (blocks without a knob, `ODEStage.first_block_uses_no_knob`, have no entry).
+    """
+    from cnn.ode.stage import knob_values
+
     if not scheme_name:
         return {}
-    scheme = get_scheme(scheme_name)
-    return {knob: analysis.learned_knobs(params, scheme, knob).tolist() for knob in scheme.knob_names}
+    scheme = get_scheme(scheme_name, **dict(scheme_options or {}))
+    per_stage = knob_values(params, scheme)
+    return {knob: [float(v) for values in per_stage.values() for v in np.ravel(values[knob])] for knob in scheme.knob_names}
 
 
 def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
@@ -89,19 +163,39 @@ def run_cell(
     workdir: pathlib.Path,
     *,
     datasets: loop.DatasetFactory | None = None,
+    on_mismatch: str = "error",
 ) -> dict[str, Any]:
-    """Trains one cell (or resumes it) and returns its summary; a finished cell is read back.
+    """Trains one cell (or resumes it) and returns its summary; a finished cell is read back if
+    its stored config equals the requested one.
 
     The summary holds the cell's labels, parameter count, final test loss/accuracy, final
     training loss, the evaluation curve, median wall time per step, the time from the start of
     `fit` to the first dispatched step (compilation dominates it; near zero when an identical
-    model was compiled earlier in the process), and learned scheme knobs (LM's `k_t`).
+    model was compiled earlier in the process), learned scheme knobs (LM's `k_t`), and (read
+    back, not stored in cell.json) `config`: the cell's stored config.json.
+
+    Raises:
+      RunConfigMismatchError: the cell was trained with another config (result keys differ) and
+        `on_mismatch` is "error" (or "extend" and the difference is not a longer budget).
     """
+    workdir = pathlib.Path(workdir)
     cell_dir = workdir / "cells" / cell.name
     done = cell_dir / "cell.json"
+    if on_mismatch not in rundir.ON_MISMATCH:
+        raise errors.ConfigError(f"on_mismatch={on_mismatch!r} must be one of {list(rundir.ON_MISMATCH)}")
+    differences = cell_differences(base, cell, workdir)
+    if differences:
+        if on_mismatch == "restart":
+            rundir.reset_run_directory(cell_dir, extra=("cell.json", "cell.tmp"))
+        elif on_mismatch == "extend" and _can_extend(base, cell, workdir):
+            done.unlink(missing_ok=True)  # fit continues the run to the new budget
+        else:
+            raise stale_cells_error({cell.name: differences}, workdir, extendable=_can_extend(base, cell, workdir))
     if done.exists():
-        return json.loads(done.read_text())
-    config = cell_config(base, cell)
+        return _with_config(json.loads(done.read_text()), cell_dir)
+    config = requested_cell_config(base, cell)
+    if "on_mismatch" in config:
+        config.on_mismatch = on_mismatch
     started = time.perf_counter()
     first_step: list[float] = []
 
@@ -130,7 +224,101 @@ def run_cell(
         "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None),
     }
     _write_json(done, summary)
-    return summary
+    return _with_config(summary, cell_dir)
+
+
+def _with_config(summary: dict[str, Any], cell_dir: pathlib.Path) -> dict[str, Any]:
+    """The summary with the cell's stored config.json under "config" (None if absent)."""
+    return {**summary, "config": rundir.read_run_config(cell_dir)}
+
+
+def run_pack(
+    base: ml_collections.ConfigDict,
+    cells: Sequence[Cell],
+    workdir: pathlib.Path,
+    *,
+    datasets: loop.DatasetFactory | None = None,
+    on_mismatch: str = "error",
+) -> list[dict[str, Any]]:
+    """Trains cells that differ only in their seed as one ensemble (`cnn.train.ensemble`, each
+    member with its own data order and augmentation: `data="per_member"`) and writes every
+    member's cell as if it had been trained alone: its `config.json` is the single run's
+    (`requested_cell_config`), its `cell.json` the member's summary. Member i computes what the
+    single run with its seed computes up to float rounding (XLA batches the vmapped convolutions
+    differently): 1e-7 after a few steps (tests/train/test_ensemble.py), which training then
+    amplifies like any rounding difference (a depth-14 ResNet on digits: 8e-7 after 10 SGD
+    steps, 3e-2 after 40). A packed cell is therefore another draw of the same seed's noise, not
+    the same numbers; a grid may mix packed and single cells. The ensemble's own run directory is
+    `<workdir>/packs/<group>-s<seeds>` (resumable like any run).
+
+    Returns:
+      The cells' summaries, in the order of `cells`.
+    """
+    seeds = [int(cell.overrides["seed"]) for cell in cells]
+    config = requested_cell_config(base, cells[0])
+    config.ensemble.seeds = tuple(seeds)
+    config.ensemble.size = len(seeds)
+    config.ensemble.data = "per_member"
+    if "on_mismatch" in config:
+        config.on_mismatch = on_mismatch
+    pack_dir = workdir / "packs" / f"{cells[0].group}-s{'-'.join(map(str, seeds))}"
+    started = time.perf_counter()
+    first_step: list[float] = []
+
+    def note_first_step(step: int, state: Any) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter())
+
+    result = loop.fit(config, pack_dir, datasets=datasets, callbacks=[note_first_step])
+    finished = time.perf_counter()
+    members = result.final_eval["members"]
+    # The ensemble's wall time per step (every member's window runs over the same steps).
+    step_seconds = _median_step_seconds([r for r in result.train_history if r.get("member") == 0],
+                                        int(config.batch_size))
+    scheme_name = dict(config.model_options).get("scheme")
+    summaries = []
+    for index, cell in enumerate(cells):
+        cell_dir = workdir / "cells" / cell.name
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        single = requested_cell_config(base, cell)
+        (cell_dir / "config.json").write_text(single.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        params = ensemble.member(result.state, index).params
+        history = [r for r in result.train_history if r.get("member") == index]
+        evals = [r for r in result.eval_history if r.get("member") == index]
+        train_losses = [r["train/loss"] for r in history if "train/loss" in r]
+        summary = {
+            "name": cell.name,
+            "group": cell.group,
+            "labels": dict(cell.labels),
+            "params": models.count_params(params),
+            "test_accuracy": float(members[index]["accuracy"]),
+            "test_loss": float(members[index]["loss"]),
+            "train_loss": float(train_losses[-1]) if train_losses else float("nan"),
+            "eval_curve": [[int(r["step"]), float(r["eval/accuracy"])] for r in evals],
+            "steps": int(result.steps),
+            # The ensemble's step time shared among its members: the cost of one seed's step.
+            "seconds_per_step": step_seconds / len(seeds),
+            "seconds_to_first_step": (first_step[0] - started) if first_step else float("nan"),
+            "seconds_total": (finished - started) / len(seeds),
+            "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None,
+                                    dict(config.model_options).get("scheme_options")),
+            "trained_in": str(pack_dir.relative_to(workdir)),
+            "ensemble_members": len(seeds),
+        }
+        _write_json(cell_dir / "cell.json", summary)
+        summaries.append(_with_config(summary, cell_dir))
+    return summaries
+
+
+def _packs(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """`cells` split into groups that differ only in the seed (same `group`, same overrides but
+    "seed"), in order of first appearance."""
+    packs: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        rest = {k: v for k, v in cell.overrides.items() if k != "seed"}
+        key = (cell.group, json.dumps(rest, sort_keys=True, default=str))
+        packs.setdefault(key, []).append(cell)
+    return list(packs.values())
 
 
 def run_grid(
@@ -141,12 +329,24 @@ def run_grid(
     only: Iterable[str] = (),
     datasets: loop.DatasetFactory | None = None,
     progress: bool = True,
+    on_mismatch: str = "error",
+    ensembles: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs every cell (or those named in `only`), skipping finished ones; returns all summaries
     that exist (finished cells outside `only` included, so tables stay complete).
 
+    With `ensembles`, unfinished cells that differ only in their seed train as one ensemble
+    program (`run_pack`); their cells are written as if trained alone.
+
+    Before training anything, every cell with a stored config is compared with the requested
+    one (`cell_differences`). Cells that differ are refused (`on_mismatch="error"`), trained
+    again (`"restart"`) or continued to a larger budget (`"extend"`); with "restart" or
+    "extend", such cells outside `only` are left out of the returned summaries (with a warning).
+
     Raises:
       ValueError: `only` names a cell that is not in the grid.
+      RunConfigMismatchError: cells were trained with another config and `on_mismatch` does not
+        allow it; lists every such cell with its differing keys (nothing is trained).
     """
     workdir = pathlib.Path(workdir)
     names = [cell.name for cell in cells]
@@ -156,16 +356,55 @@ def run_grid(
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise ValueError(f"config.only names unknown cells {unknown}; cells of this grid: {names}")
+    if on_mismatch not in rundir.ON_MISMATCH:
+        raise errors.ConfigError(f"on_mismatch={on_mismatch!r} must be one of {list(rundir.ON_MISMATCH)}")
     todo = [cell for cell in cells if not only or cell.name in only]
+    stale = {cell.name: d for cell in cells if (d := cell_differences(base, cell, workdir))}
+    if stale:
+        refused = {
+            name: differences
+            for name, differences in stale.items()
+            if on_mismatch == "error"
+            or (on_mismatch == "extend" and not _can_extend(base, next(c for c in cells if c.name == name), workdir))
+        }
+        if refused:
+            extendable = all(_can_extend(base, c, workdir) for c in cells if c.name in refused)
+            raise stale_cells_error(refused, workdir, extendable=extendable)
+        left_out = sorted(set(stale) - {cell.name for cell in todo})
+        if left_out:
+            warnings.warn(
+                f"cells {left_out} were trained with another config and are not in config.only: they are left out "
+                f"of the results (on_mismatch={on_mismatch!r} retrains only the cells it runs)",
+                stacklevel=2,
+            )
     summaries: dict[str, dict[str, Any]] = {}
-    bar = tqdm(todo, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
-    for cell in bar:
-        bar.set_postfix_str(cell.name)
-        summary = run_cell(base, cell, workdir, datasets=datasets)
-        summaries[cell.name] = summary
-        bar.set_postfix_str(f"{cell.name}: acc {summary['test_accuracy']:.4f}")
+    if ensembles:  # finished (or reusable) cells are read back; the rest train in packs of seeds
+        for cell in todo:
+            if cell.name not in stale and (workdir / "cells" / cell.name / "cell.json").exists():
+                summaries[cell.name] = run_cell(base, cell, workdir, datasets=datasets, on_mismatch=on_mismatch)
+        if on_mismatch == "restart":
+            for cell in todo:
+                if cell.name in stale:
+                    rundir.reset_run_directory(workdir / "cells" / cell.name, extra=("cell.json", "cell.tmp"))
+        groups = _packs([cell for cell in todo if cell.name not in summaries])
+    else:
+        groups = [[cell] for cell in todo]
+    bar = tqdm(total=len(todo), initial=len(summaries), desc="cells", unit="cell", disable=not progress,
+               dynamic_ncols=True)
+    for group in groups:
+        bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].group} x{len(group)} seeds")
+        if len(group) == 1:
+            trained = [run_cell(base, group[0], workdir, datasets=datasets, on_mismatch=on_mismatch)]
+        else:
+            trained = run_pack(base, group, workdir, datasets=datasets, on_mismatch=on_mismatch)
+        for summary in trained:
+            summaries[summary["name"]] = summary
+        bar.update(len(group))
+        bar.set_postfix_str(f"{group[0].group}: acc {np.mean([t['test_accuracy'] for t in trained]):.4f}")
+    bar.close()
     for summary in finished_summaries(cells, workdir):  # finished cells outside `only`
-        summaries.setdefault(summary["name"], summary)
+        if summary["name"] not in stale:
+            summaries.setdefault(summary["name"], summary)
     return [summaries[name] for name in names if name in summaries]
 
 
@@ -178,11 +417,13 @@ def run_experiment(
     datasets: loop.DatasetFactory | None = None,
 ) -> list[dict[str, Any]]:
     """What an experiment script does before its report: writes config.json into `workdir`, then
-    runs the grid (`config.only`, `config.progress`) or, with `config.report_only`, collects the
-    finished cells without training.
+    runs the grid (`config.only`, `config.progress`, `on_mismatch`: the experiment config's, else
+    the training config's) or, with `config.report_only`, collects the finished cells without
+    training (each summary carries its stored config, from which `training_header` describes it).
 
     Raises:
       ValueError: `config.report_only` is set but no cell has finished.
+      RunConfigMismatchError: see `run_grid`.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -192,17 +433,70 @@ def run_experiment(
         if not summaries:
             raise ValueError(f"config.report_only=True but no finished cells under {workdir / 'cells'}")
         return summaries
-    return run_grid(base, cells, workdir, only=config.only, datasets=datasets, progress=bool(config.progress))
+    on_mismatch = config.get("on_mismatch", None) or base.get("on_mismatch", None) or "error"
+    return run_grid(base, cells, workdir, only=config.only, datasets=datasets, progress=bool(config.progress),
+                    on_mismatch=on_mismatch, ensembles=bool(config.get("ensembles", False)))
 
 
 def finished_summaries(cells: Sequence[Cell], workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The summaries of the cells of `cells` that have finished under `workdir`, in grid order."""
+    """The summaries of the cells of `cells` that have finished under `workdir`, in grid order,
+    each with its stored config.json under "config"."""
     found = []
     for cell in cells:
         done = pathlib.Path(workdir) / "cells" / cell.name / "cell.json"
         if done.exists():
-            found.append(json.loads(done.read_text()))
+            found.append(_with_config(json.loads(done.read_text()), done.parent))
     return found
+
+
+def _budget(config: Mapping[str, Any], steps: Any) -> str:
+    if config.get("num_train_steps"):
+        return f"{config['num_train_steps']} steps"
+    trained = f" ({steps} steps)" if isinstance(steps, int) else ""
+    return f"{float(config.get('num_epochs', 0)):g} epochs{trained}"
+
+
+def _training_fields(config: Mapping[str, Any], steps: Any) -> dict[str, str]:
+    optimizer = config.get("optimizer", {})
+    return {
+        "dataset": f"dataset: `{config.get('dataset')}` ({config.get('train_split')} / {config.get('eval_split')})",
+        "budget": f"budget {_budget(config, steps)} of batch {config.get('batch_size')}",
+        "optimizer": (
+            f"optimizer {optimizer.get('name')} lr {float(optimizer.get('learning_rate', float('nan'))):g} "
+            f"({optimizer.get('schedule')}), weight decay {float(optimizer.get('weight_decay', float('nan'))):g}"
+        ),
+        "augmentation": f"augmentation `{config.get('augment') or 'none'}`",
+        "dtype": f"dtype {config.get('dtype')}",
+    }
+
+
+def training_header(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """The training a report's numbers come from, read from the cells' own stored configs:
+
+        dataset: `digits` (train / test); budget 300 steps of batch 64; optimizer sgd lr 0.1
+        (cosine), weight decay 0.0001; augmentation `none`; dtype float32
+
+    A part on which cells differ lists each value with its cells (`... [cells a, b] | ...
+    [cells c]`); cells without a stored config.json are named as such.
+    """
+    per_cell = {
+        summary["name"]: _training_fields(summary["config"], summary.get("steps"))
+        for summary in summaries
+        if summary.get("config")
+    }
+    parts = []
+    for field in ("dataset", "budget", "optimizer", "augmentation", "dtype"):
+        values: dict[str, list[str]] = {}
+        for name, fields in per_cell.items():
+            values.setdefault(fields[field], []).append(name)
+        if len(values) == 1:
+            parts.append(next(iter(values)))
+        elif values:
+            parts.append(" | ".join(f"{value} [cells {', '.join(names)}]" for value, names in values.items()))
+    missing = [summary["name"] for summary in summaries if not summary.get("config")]
+    if missing:
+        parts.append(f"no stored config.json for cells {', '.join(missing)}")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,10 +642,18 @@ def cli_main(
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
-    config, workdir = parse_cli_config(argv, default_config_path, default_workdir)
-    if compilation_cache:
-        use_compilation_cache(workdir / ".jax_cache")
-    result = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
+    try:
+        config, workdir = parse_cli_config(argv, default_config_path, default_workdir)
+        if compilation_cache:
+            use_compilation_cache(workdir / ".jax_cache")
+        result = run(config, workdir, command=" ".join([f"python -m {module}", *argv[1:]]))
+    except Exception as error:  # noqa: BLE001 - only the kinds describe_error knows are reported
+        described = errors.describe_error(error)
+        if described is None:
+            raise
+        prefix, code = described
+        print(errors.one_line(error, prefix), file=sys.stderr)
+        raise SystemExit(code) from None
     if isinstance(result, pathlib.Path):
         print(result.read_text())
         print(f"wrote {result}")
@@ -362,17 +664,25 @@ def parse_cli_config(
 ) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
     """`--config=path.py [--config.key=value ...] --workdir=dir` via ml_collections' config flags.
 
+    Keys may be added only under free-form sub-configs (`model_options`, `scheme_options`, ...).
+
     Raises:
+      ConfigError: an override names a key the config does not have (with the closest keys).
       SystemExit: with a usage message, for arguments that are not flags.
     """
     from absl import flags
     from ml_collections import config_flags
 
+    # Unknown keys are reported here with the closest existing ones (absl would raise a KeyError).
+    rundir.check_command_line(list(argv)[1:], default_config_file=default_config_path)
     flag_values = flags.FlagValues()
     # ml_collections finds the `--config.key=value` overrides in sys.argv, not in the argv given.
     saved_argv, sys.argv = sys.argv, list(argv)
     try:
-        config_flags.DEFINE_config_file("config", default_config_path, "experiment config file", flag_values=flag_values)
+        config_flags.DEFINE_config_file(
+            "config", default_config_path, "experiment config file", flag_values=flag_values,
+            accept_new_attributes=True, lock_config=False,  # new keys: checked above (free-form ones only)
+        )
         flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
         positional = flag_values(list(argv))[1:]
     finally:

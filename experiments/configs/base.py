@@ -28,9 +28,16 @@ def scheme_comparison() -> ml_collections.ConfigDict:
     config.train.progress = False  # one bar over cells instead
     config.data_in_memory = False  # read TFDS datasets' raw files straight into RAM
     config.only = ()  # cell names to (re)run; () runs every unfinished cell
-    config.noise_sigmas = 2.0  # a difference counts only beyond this many standard errors
+    # Paired comparisons (experiments/stats.py): Holm at family-wise level alpha; the minimum
+    # detectable difference is stated at this power.
+    config.alpha = 0.05
+    config.power = 0.8
+    config.noise_sigmas = 2.0  # the ablations' older rule: beyond this many standard errors
     config.progress = True  # a bar over cells
     config.report_only = False  # only (re)write the report from the finished cells
+    # Train the seeds of a cell as one ensemble program (cnn.train.ensemble, per-member data);
+    # False trains one seed per program. Either way every cell is written as its single run.
+    config.ensembles = True
     return config
 
 

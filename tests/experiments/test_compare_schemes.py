@@ -26,7 +26,7 @@ def cifar_resnet_params(depth: int, width: int, in_channels: int, classes: int) 
 
 def tiny_config():
     config = demo.get_config()
-    config.schemes = ("euler", "lm")
+    config.schemes = ("euler", "lm", "midpoint")
     config.depths = (8,)
     config.seeds = (0, 1)
     config.model_options = {"width": 4}
@@ -59,52 +59,67 @@ def test_table_has_one_row_per_scheme_and_depth_with_exact_param_counts(finished
     assert len(body) == len(config.schemes) * len(config.depths)
     euler = cifar_resnet_params(8, 4, in_channels=1, classes=10)
     cells = {json.loads((workdir / "cells" / c.name / "cell.json").read_text())["name"]: c for c in compare_schemes.cells(config)}
-    assert len(cells) == 4
+    assert sorted(cells) == ["euler-d8-s0", "euler-d8-s1", "midpoint-d8-s0", "midpoint-d8-s1"]  # lm-d8 is euler's network
     summaries = {name: json.loads((workdir / "cells" / name / "cell.json").read_text()) for name in cells}
-    assert summaries["euler-d8-s0"]["params"] == euler
-    assert summaries["lm-d8-s1"]["params"] == euler + 3  # one k per block, 3 blocks at depth 8
-    assert len(summaries["lm-d8-s0"]["knobs"]["k"]) == 3
+    assert summaries["euler-d8-s0"]["params"] == summaries["midpoint-d8-s1"]["params"] == euler
+    # the two seeds of a scheme trained as one ensemble program, written as single cells
+    assert summaries["euler-d8-s1"]["ensemble_members"] == 2 and summaries["euler-d8-s1"]["trained_in"].startswith("packs/")
+    stored = json.loads((workdir / "cells" / "euler-d8-s1" / "config.json").read_text())
+    assert stored["seed"] == 1 and stored["ensemble"]["size"] == 1  # the single run's config
     text = report.read_text()
-    assert f"| euler | 8 | {euler:,} | 3 |" in text and f"| lm | 8 | {euler + 3:,} | 3 |" in text
-    for plot in ("accuracy_vs_depth", "accuracy_vs_params", "learning_curves", "lm_k"):
+    assert f"| euler | 8 | {euler:,} | 3 |" in text and "| lm | 8 |" in text and "= euler" in text
+    assert "midpoint-d8 − euler-d8" in text and "## Paired comparisons" in text
+    for plot in ("accuracy_vs_depth", "accuracy_vs_params", "learning_curves"):
         assert (workdir / "plots" / f"{plot}.png").stat().st_size > 1000
 
 
 def test_seed_statistics_and_noise_verdict_are_computed_from_the_cells(finished_run):
     config, workdir, report = finished_run
     summaries = grid.finished_summaries(compare_schemes.cells(config), workdir)
-    accuracies = [s["test_accuracy"] for s in summaries if s["group"] == "lm-d8"]
+    accuracies = [s["test_accuracy"] for s in summaries if s["group"] == "midpoint-d8"]
     stats = {s.group: s for s in grid.group_stats(summaries)}
-    assert stats["lm-d8"].accuracy_mean == pytest.approx(np.mean(accuracies))
-    assert stats["lm-d8"].accuracy_std == pytest.approx(np.std(accuracies, ddof=1))
+    assert stats["midpoint-d8"].accuracy_mean == pytest.approx(np.mean(accuracies))
+    assert stats["midpoint-d8"].accuracy_std == pytest.approx(np.std(accuracies, ddof=1))
     assert "## Verdict" in report.read_text()
 
 
-def test_multistep_schemes_are_euler_with_one_block_per_stage(finished_run):
-    """Depth 8 has one block per stage, which LM starts with an Euler step: the same network."""
+def test_multistep_schemes_with_one_block_per_stage_are_reported_as_euler(finished_run):
+    """Depth 8 has one block per stage, which LM starts with an Euler step: the same network,
+    detected from the scheme's step rule, not trained, reported as identical."""
     config, workdir, report = finished_run
-    for seed in config.seeds:
-        euler, lm = (json.loads((workdir / "cells" / f"{s}-d8-s{seed}" / "cell.json").read_text()) for s in ("euler", "lm"))
-        assert lm["train_loss"] == pytest.approx(euler["train_loss"], rel=1e-5)
-        assert lm["test_accuracy"] == euler["test_accuracy"]
-    assert "At depth 8 every stage has a single block" in report.read_text()
+    assert compare_schemes.identical_cells(config) == {("lm", 8)}
+    assert not (workdir / "cells" / "lm-d8-s0").exists()
+    assert "Identical to their reference network (not trained, not compared): lm-d8 = euler-d8." in report.read_text()
 
 
-def test_verdict_notes_count_chance_flags():
-    def stat(scheme, depth, mean):
-        labels = {"scheme": scheme, "depth": depth}
-        return grid.GroupStats(f"{scheme}-d{depth}", labels, 4, mean, 0.01, 0.005, 1000, 0.1, 1.0)
+def _summary(scheme, depth, seed, accuracy):
+    return {"name": f"{scheme}-d{depth}-s{seed}", "group": f"{scheme}-d{depth}", "test_accuracy": accuracy,
+            "labels": {"scheme": scheme, "depth": depth, "seed": seed}, "params": 1000, "train_loss": 0.1,
+            "seconds_per_step": 0.1, "seconds_to_first_step": 1.0}
 
+
+def test_paired_verdict_with_holm_on_hand_made_accuracies():
+    """Midpoint is 5 points worse than Euler at depth 14 on every seed (small spread): Holm flags
+    it; LM differs by +0.5 +- 1 points: no flag. Depth 8: LM is Euler's network."""
     config = tiny_config()
     config.schemes, config.depths = ("euler", "lm", "midpoint"), (8, 14)
-    stats = [stat("euler", 8, 0.9), stat("lm", 8, 0.9), stat("midpoint", 8, 0.9),
-             stat("euler", 14, 0.9), stat("lm", 14, 0.905), stat("midpoint", 14, 0.85)]
-    _, rows, notes = compare_schemes.table_rows(config, stats)
+    euler14 = [0.90, 0.91, 0.89, 0.90]
+    summaries = [_summary("euler", 14, s, a) for s, a in enumerate(euler14)]
+    summaries += [_summary("lm", 14, s, a + d) for s, (a, d) in enumerate(zip(euler14, (0.015, -0.005, 0.01, 0.0)))]
+    summaries += [_summary("midpoint", 14, s, a - d) for s, (a, d) in enumerate(zip(euler14, (0.05, 0.049, 0.051, 0.05)))]
+    summaries += [_summary(scheme, 8, s, 0.9) for scheme in ("euler", "midpoint") for s in range(4)]
+    _, rows, notes, comparison = compare_schemes.table_rows(config, grid.group_stats(summaries), summaries)
     assert len(rows) == 6
-    assert notes[0].startswith("depth 14: midpoint is worse than euler by 5.00 points")
-    # 4 comparisons, P(|Z| > 2) = 0.0455 each: 0.18 expected by chance
-    assert "1 of 4 comparisons exceeds 2 standard errors; by chance alone about 0.2 would" in notes[1]
-    assert notes[2].startswith("At depth 8 every stage has a single block") and "lm compute the same" in notes[2]
+    flags = {(r.candidate, r.reference): r.flag for r in comparison.rows}
+    assert flags[(("midpoint", 14), ("euler", 14))] == "worse"
+    assert flags[(("lm", 14), ("euler", 14))] == "none"
+    assert flags[(("lm", 8), ("euler", 8))] == "identical"
+    assert flags[(("midpoint", 8), ("euler", 8))] == "n/a" or flags[(("midpoint", 8), ("euler", 8))] == "none"
+    worse = comparison.rows[[r.candidate for r in comparison.rows].index(("midpoint", 14))]
+    assert worse.difference.mean == pytest.approx(-0.05)  # paired mean, by hand: -(0.05+0.049+0.051+0.05)/4
+    assert any(note.startswith("midpoint-d14 is worse than euler-d14 by 5.00 points") for note in notes)
+    lm_row = next(r for r in rows if r[0] == "lm" and r[1] == 14)
+    assert lm_row[6].startswith("+0.50 [") and lm_row[7] == "none"
 
 
 def test_noise_verdict_against_hand_computed_standard_errors():
@@ -133,25 +148,28 @@ def test_rerun_skips_finished_cells_and_rewrites_the_report(finished_run, monkey
     assert compare_schemes.run(report_only, workdir).exists()
 
 
-def test_interrupted_cell_resumes_from_its_checkpoint(finished_run, monkeypatch):
-    """Delete one cell's summary: only that cell runs again, and fit resumes from its final
-    checkpoint instead of training (no step is taken)."""
+def test_interrupted_cells_resume_from_their_checkpoint(finished_run, monkeypatch):
+    """Delete the summaries of a pack's cells: only that pack runs again, and fit resumes from its
+    final checkpoint instead of training (no step is taken)."""
     config, workdir, _ = finished_run
-    before = json.loads((workdir / "cells" / "lm-d8-s1" / "cell.json").read_text())
-    (workdir / "cells" / "lm-d8-s1" / "cell.json").unlink()
+    names = ("midpoint-d8-s0", "midpoint-d8-s1")
+    before = {n: json.loads((workdir / "cells" / n / "cell.json").read_text()) for n in names}
+    for name in names:
+        (workdir / "cells" / name / "cell.json").unlink()
     calls, steps_taken = [], []
     real_fit = loop.fit
 
-    def counting_fit(cfg, cell_dir, *, callbacks=(), **kwargs):
-        calls.append(str(cell_dir))
-        return real_fit(cfg, cell_dir, callbacks=[*callbacks, lambda step, state: steps_taken.append(step)], **kwargs)
+    def counting_fit(cfg, run_dir, *, callbacks=(), **kwargs):
+        calls.append(str(run_dir))
+        return real_fit(cfg, run_dir, callbacks=[*callbacks, lambda step, state: steps_taken.append(step)], **kwargs)
 
     monkeypatch.setattr(loop, "fit", counting_fit)
     compare_schemes.run(config, workdir)
-    assert len(calls) == 1 and calls[0].endswith("lm-d8-s1")
+    assert len(calls) == 1 and calls[0].endswith("packs/midpoint-d8-s0-1")
     assert steps_taken == []
-    after = json.loads((workdir / "cells" / "lm-d8-s1" / "cell.json").read_text())
-    assert after["test_accuracy"] == before["test_accuracy"] and after["params"] == before["params"]
+    for name in names:
+        after = json.loads((workdir / "cells" / name / "cell.json").read_text())
+        assert after["test_accuracy"] == before[name]["test_accuracy"] and after["params"] == before[name]["params"]
 
 
 def test_unknown_cells_and_schemes_are_rejected():
@@ -170,9 +188,12 @@ def test_unknown_cells_and_schemes_are_rejected():
 
 
 def test_every_config_builds_its_grid():
-    for module, cells in ((demo, 54), (fashion_mnist, 24), (mnist, 24), (fashion_mnist_gpu, 24), (cifar10_lm_resnet, 10)):
+    for module in (demo, fashion_mnist, mnist, fashion_mnist_gpu, cifar10_lm_resnet):
         config = module.get_config()
-        assert len(compare_schemes.cells(config)) == cells
+        # every (scheme, depth, seed) except the cells that compute Euler's network
+        identical = compare_schemes.identical_cells(config)
+        expected = sum(1 for s in config.schemes for d in config.depths if (s, int(d)) not in identical)
+        assert len(compare_schemes.cells(config)) == expected * len(config.seeds)
         loop.resolve_config(compare_schemes.training_base(config))  # no unknown training fields
 
 

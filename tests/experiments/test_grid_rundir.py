@@ -19,7 +19,7 @@ TINY_FLAGS = [
 ]
 
 
-def _config(schemes=("euler", "lm"), **train):
+def _config(schemes=("euler", "midpoint"), **train):
     config = tiny_config()
     config.seeds = (0,)
     config.schemes = schemes
@@ -51,7 +51,7 @@ def test_a_rerun_with_another_budget_and_rate_is_refused_before_training(finishe
     with pytest.raises(errors.RunConfigMismatchError) as caught:
         compare_schemes.run(_config(num_train_steps=8, **{"optimizer.learning_rate": 0.2}), finished)
     message = str(caught.value)
-    for name in ("euler-d8-s0", "lm-d8-s0"):
+    for name in ("euler-d8-s0", "midpoint-d8-s0"):
         assert f"  {name}: num_train_steps: 4 -> 8; optimizer.learning_rate: 0.05 -> 0.2" in message
     assert "new --workdir" in message and "--config.train.on_mismatch=restart" in message
     assert "--config.train.on_mismatch=extend" not in message  # the rate changed too: not an extension
@@ -61,12 +61,12 @@ def test_a_rerun_with_another_budget_and_rate_is_refused_before_training(finishe
     summaries = grid.run_experiment(_config(log_every_steps=1, eval_every_steps=2), finished,
                                     compare_schemes.cells(_config()),
                                     compare_schemes.training_base(_config(log_every_steps=1, eval_every_steps=2)))
-    assert [s["name"] for s in summaries] == ["euler-d8-s0", "lm-d8-s0"] and _cell_files(finished) == before
+    assert [s["name"] for s in summaries] == ["euler-d8-s0", "midpoint-d8-s0"] and _cell_files(finished) == before
 
 
 def test_summaries_carry_their_stored_config_and_the_header_is_built_from_it(finished):
     summaries = grid.finished_summaries(compare_schemes.cells(_config()), finished)
-    stored = json.loads((finished / "cells" / "lm-d8-s0" / "config.json").read_text())
+    stored = json.loads((finished / "cells" / "midpoint-d8-s0" / "config.json").read_text())
     assert summaries[1]["config"] == stored and stored["num_train_steps"] == 4
     header = grid.training_header(summaries)
     assert header == ("dataset: `digits` (train / test); budget 4 steps of batch 64; optimizer sgd lr 0.05 (cosine), "
@@ -110,7 +110,7 @@ def test_only_with_restart_leaves_other_stale_cells_out(tmp_path):
     config = _config(seed=0, **{"optimizer.learning_rate": 0.2})
     config.on_mismatch = "restart"
     config.only = ("euler-d8-s0",)
-    with pytest.warns(UserWarning, match=r"cells \['lm-d8-s0'\] were trained with another config"):
+    with pytest.warns(UserWarning, match=r"cells \['midpoint-d8-s0'\] were trained with another config"):
         summaries = grid.run_experiment(config, tmp_path, compare_schemes.cells(config),
                                         compare_schemes.training_base(config))
     assert [s["name"] for s in summaries] == ["euler-d8-s0"]
