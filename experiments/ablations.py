@@ -28,7 +28,7 @@ import ml_collections
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import compare_schemes, grid  # noqa: E402
+from experiments import grid, stats  # noqa: E402
 from experiments.configs import base  # noqa: E402
 
 
@@ -60,36 +60,36 @@ def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     return result
 
 
-def table_rows(config, stats: Sequence[grid.GroupStats]):
+def table_rows(config, group_stats: Sequence[grid.GroupStats], summaries: Sequence[Mapping[str, Any]]):
+    """Header, rows and notes: every variant against the baseline, paired by seed and
+    Holm-corrected together (`experiments.stats.compare_to_reference`)."""
     header = ["knob", "variant", "params", "test acc % (mean ± std)", "seeds",
-              f"Δ vs {config.baseline} (pp ± s.e.)", "train loss", "ms / step"]
-    by_name = {s.group: s for s in stats}
-    baseline = by_name.get(config.baseline)
-    rows, notes = [], []
-    for name, stat in by_name.items():
-        if baseline is None:
-            delta = "n/a"
-        elif name == config.baseline:
-            delta = "baseline"
+              f"Δ vs {config.baseline} pp (paired mean [95% CI])", "flag (Holm)", "MDD pp", "train loss", "ms / step"]
+    accuracies: dict[str, dict[int, float]] = {}
+    for summary in summaries:
+        accuracies.setdefault(summary["group"], {})[int(summary["labels"]["seed"])] = summary["test_accuracy"]
+    comparison = None
+    if config.baseline in accuracies:
+        comparison = stats.compare_to_reference(accuracies, config.baseline, alpha=float(config.alpha),
+                                                power=float(config.power))
+    by_candidate = {row.candidate: row for row in comparison.rows} if comparison else {}
+    rows = []
+    for stat in group_stats:
+        name = stat.group
+        row = by_candidate.get(name)
+        if name == config.baseline:
+            delta, flag, mdd = "baseline", "", ""
+        elif row is None or row.difference is None or row.flag == "n/a":
+            delta, flag, mdd = "n/a", "", ""
         else:
-            difference, error, verdict = grid.compare_to_reference(stat, baseline, config.noise_sigmas)
-            delta = compare_schemes._format_difference(difference, error, verdict, False)
-            if verdict in ("better", "worse"):
-                notes.append(f"{name} is {verdict} than {config.baseline} by {100 * abs(difference):.2f} points.")
+            d = row.difference
+            delta, flag, mdd = f"{100 * d.mean:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]", row.flag, f"{100 * row.mdd:.2f}"
         rows.append([
             stat.labels["knob"], name, f"{stat.params:,}",
-            f"{100 * stat.accuracy_mean:.2f} ± {100 * stat.accuracy_std:.2f}", stat.count, delta,
+            f"{100 * stat.accuracy_mean:.2f} ± {100 * stat.accuracy_std:.2f}", stat.count, delta, flag, mdd,
             f"{stat.train_loss_mean:.4f}", f"{1000 * stat.seconds_per_step:.1f}",
         ])
-    if not notes:
-        notes.append(
-            f"No variant differs from {config.baseline} by more than {config.noise_sigmas:g} standard errors: "
-            "on this budget every knob's effect is within seed noise."
-        )
-    else:
-        comparisons = sum(1 for row in rows if row[5] not in ("baseline", "n/a"))
-        flags_note = grid.chance_note(len(notes), comparisons, config.noise_sigmas)
-        notes += [flags_note] if flags_note else []
+    notes = comparison.notes() if comparison else [f"No baseline cells ({config.baseline!r}): nothing compared."]
     return header, rows, notes
 
 
@@ -114,20 +114,17 @@ def plot_ablations(stats: Sequence[grid.GroupStats], path: pathlib.Path) -> None
 
 
 def write_report(config, summaries: Sequence[Mapping[str, Any]], workdir: pathlib.Path, command: str) -> pathlib.Path:
-    stats = grid.group_stats(summaries)
-    header, rows, notes = table_rows(config, stats)
+    group_stats = grid.group_stats(summaries)
+    header, rows, notes = table_rows(config, group_stats, summaries)
     (workdir / "plots").mkdir(parents=True, exist_ok=True)
-    plot_ablations(stats, workdir / "plots" / "ablations.png")
+    plot_ablations(group_stats, workdir / "plots" / "ablations.png")
     grid.write_csv(workdir / "results.csv", header, rows)
-    train = config.train
-    budget = f"{train.num_train_steps} steps" if train.num_train_steps else f"{train.num_epochs:g} epochs"
     lines = [
         f"# Ablations: {config.name}",
         "",
-        f"- dataset `{train.dataset}`, budget {budget} of batch {train.batch_size}, optimizer "
-        f"{train.optimizer.name} lr {train.optimizer.learning_rate:g} ({train.optimizer.schedule}); "
-        f"model `{config.model}` depth {config.depth} {json.dumps(config.model_options.to_dict())}; "
-        f"seeds {list(config.seeds)}",
+        f"- {grid.training_header(summaries)}; model `{config.model}` depth {config.depth} "
+        f"{json.dumps(config.model_options.to_dict())}; seeds {list(config.seeds)} (paired: a seed fixes the data "
+        "order and the initial weights of every variant)",
         f"- hardware: {grid.hardware()}",
         f"- command: `{command}`",
         "",
@@ -148,8 +145,7 @@ def write_report(config, summaries: Sequence[Mapping[str, Any]], workdir: pathli
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str = "") -> pathlib.Path:
     """Runs (or resumes) the ablations and writes the report; returns the path of results.md."""
     summaries = grid.run_experiment(
-        config, workdir, cells(config), compare_schemes.training_base(config),
-        datasets=compare_schemes.datasets_factory(config),
+        config, workdir, cells(config), grid.training_base(config), datasets=grid.datasets_factory(config),
     )
     return write_report(config, summaries, pathlib.Path(workdir), command or "python -m experiments.ablations")
 

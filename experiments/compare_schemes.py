@@ -25,7 +25,6 @@ same command continues an interrupted comparison. One cell alone:
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.models.cifar_resnet import blocks_per_stage  # noqa: E402
 from cnn.ode import get_scheme  # noqa: E402
-from cnn.train import loop  # noqa: E402
 from experiments import grid, stats  # noqa: E402
 from experiments.configs import base  # noqa: E402
 
@@ -81,28 +79,8 @@ def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     return result
 
 
-def training_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The training config shared by all cells (model options merged in)."""
-    base = ml_collections.ConfigDict(config.train.to_dict())
-    base.model = config.model
-    options = base.model_options.to_dict()
-    options.update(config.model_options.to_dict())
-    base.model_options = ml_collections.ConfigDict(options)
-    return base
-
-
-def datasets_factory(config: ml_collections.ConfigDict) -> loop.DatasetFactory | None:
-    """`cnn.data.load` with `in_memory=True` when the config asks for it (else fit's default)."""
-    if not config.data_in_memory:
-        return None
-    from cnn import data
-
-    def factory(split: str, **kwargs: Any):
-        if config.train.data_dir:
-            kwargs["data_dir"] = config.train.data_dir
-        return data.load(config.train.dataset, split, in_memory=True, **kwargs)
-
-    return factory
+training_base = grid.training_base  # shared with the ablations
+datasets_factory = grid.datasets_factory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,14 +100,6 @@ def evaluations_per_forward(config: ml_collections.ConfigDict, scheme: str, dept
     if scheme in config.scheme_options:
         options["scheme_options"] = dict(config.scheme_options[scheme])
     return count_f_evaluations(models.create(config.model, **options), (1, 32, 32, 3))
-
-
-def _format_difference(difference: float, error: float, verdict: str, is_reference: bool) -> str:
-    if is_reference:
-        return "reference"
-    if math.isnan(error):
-        return f"{100 * difference:+.2f} ({verdict})"
-    return f"{100 * difference:+.2f} ± {100 * error:.2f} ({verdict})"
 
 
 def identical_cells(config: ml_collections.ConfigDict) -> set[tuple[str, int]]:
@@ -329,8 +299,6 @@ def write_report(
     plot_learning_curves(summaries, deepest, plots / "learning_curves.png")
     has_k = plot_learned_k(summaries, plots / "lm_k.png")
     grid.write_csv(workdir / "results.csv", header, rows)
-    train = config.train
-    budget = f"{train.num_train_steps} steps" if train.num_train_steps else f"{train.num_epochs:g} epochs"
     lines = [
         f"# Scheme comparison: {config.name}",
         "",

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnn import models
-from cnn.ode import analysis, get_scheme
+from cnn.ode import get_scheme
 from cnn.train import ensemble, errors, loop, rundir
 
 
@@ -406,6 +406,32 @@ def run_grid(
         if summary["name"] not in stale:
             summaries.setdefault(summary["name"], summary)
     return [summaries[name] for name in names if name in summaries]
+
+
+def training_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An experiment's training config shared by all its cells: `config.train` with
+    `config.model` and `config.model_options` merged in (the scheme comparison, the ablations)."""
+    base = ml_collections.ConfigDict(config.train.to_dict())
+    base.model = config.model
+    options = base.model_options.to_dict()
+    options.update(config.model_options.to_dict())
+    base.model_options = ml_collections.ConfigDict(options)
+    return base
+
+
+def datasets_factory(config: ml_collections.ConfigDict) -> loop.DatasetFactory | None:
+    """`cnn.data.load` with `in_memory=True` when `config.data_in_memory` asks for it (else fit's
+    default loader)."""
+    if not config.data_in_memory:
+        return None
+    from cnn import data
+
+    def factory(split: str, **kwargs: Any):
+        if config.train.data_dir:
+            kwargs["data_dir"] = config.train.data_dir
+        return data.load(config.train.dataset, split, in_memory=True, **kwargs)
+
+    return factory
 
 
 def run_experiment(

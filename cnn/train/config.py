@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
     # Classification's loss (the default task); GoogLeNet's auxiliary heads weigh aux_weight each.
     config.loss = ml_collections.ConfigDict({"label_smoothing": 0.0, "aux_weight": 0.3})
+    config.input_pool = 1  # classification: average-pool images by this factor on device (train and eval)
     config.log_every_steps = 10
     config.eval_every_steps = 0  # 0: once per epoch (and always at the end)
     config.checkpoint = ml_collections.ConfigDict(

@@ -34,7 +34,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cnn.train import parallel as parallel_lib
-from cnn.train.state import TrainState
 
 DATA_MODES = ("shared", "per_member")
 SHARD_MODES = ("auto", "member", "batch")

@@ -226,7 +226,9 @@ class RunData:
         start = iterators[0].get_state()
         example = task.select(next(iterators[0]))
         iterators[0].set_state(start)
-        self.input_shape = (1,) + tuple(np.shape(example[task.input_key])[1:])
+        # What the model sees: the prepared input (e.g. pooled images), for one example.
+        one = {key: np.asarray(value)[:1] for key, value in example.items()}
+        self.input_shape = tuple(jax.eval_shape(lambda batch: task.model_input(task.prepare(batch)), one).shape)
 
     def _train_iterator(self, seed: int):
         return self.datasets(
@@ -504,8 +506,10 @@ def _is_number(value: Any) -> bool:
 
 
 def task_from_config(config: ml_collections.ConfigDict) -> Task:
-    """The default task: classification with `config.loss`'s label smoothing and aux weight."""
-    return classification(label_smoothing=float(config.loss.label_smoothing), aux_weight=float(config.loss.aux_weight))
+    """The default task: classification with `config.loss`'s label smoothing and aux weight and
+    `config.input_pool`."""
+    return classification(label_smoothing=float(config.loss.label_smoothing), aux_weight=float(config.loss.aux_weight),
+                          input_pool=int(config.input_pool))
 
 
 def _checkpointer(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Checkpointer:

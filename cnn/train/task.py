@@ -185,7 +185,18 @@ def split_auxiliary(outputs: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     return outputs, ()
 
 
-def classification(*, label_smoothing: float = 0.0, aux_weight: float = 0.3) -> Task:
+def pool_images(images: jax.Array, factor: int) -> jax.Array:
+    """Mean over `factor x factor` pixel blocks: `[b, h, w, c] -> [b, h // factor, w // factor, c]`
+    (float; trailing rows and columns that do not fill a block are dropped)."""
+    if factor == 1:
+        return images
+    b, h, w, c = images.shape
+    h, w = h // factor * factor, w // factor * factor
+    blocks = images[:, :h, :w].reshape(b, h // factor, factor, w // factor, factor, c)
+    return blocks.astype(jnp.float32).mean(axis=(2, 4))
+
+
+def classification(*, label_smoothing: float = 0.0, aux_weight: float = 0.3, input_pool: int = 1) -> Task:
     """Image classification: softmax cross-entropy on `batch["label"]`, accuracy.
 
     Args:
@@ -194,6 +205,9 @@ def classification(*, label_smoothing: float = 0.0, aux_weight: float = 0.3) -> 
         train mode (GoogLeNet's auxiliary classifiers: 0.3 in Szegedy et al. 2015); the loss is
         `main + aux_weight * sum(aux losses)`, accuracy is that of the main head.
 
+      input_pool: average-pool the images by this factor on device, in training and evaluation
+        (`pool_images`: a coarser, cheaper view of the data, e.g. 28x28 Fashion-MNIST at 14x14).
+
     Batch: `{"image": [batch, height, width, channels], "label": [batch] int}`.
     Summary: `loss` (mean cross-entropy), `accuracy`, `count`.
     """
@@ -201,7 +215,12 @@ def classification(*, label_smoothing: float = 0.0, aux_weight: float = 0.3) -> 
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
     if float(aux_weight) < 0:
         raise ValueError(f"aux_weight={aux_weight!r} must be >= 0")
-    smoothing, aux = float(label_smoothing), float(aux_weight)
+    if int(input_pool) < 1:
+        raise ValueError(f"input_pool={input_pool!r} must be an integer >= 1")
+    smoothing, aux, pool = float(label_smoothing), float(aux_weight), int(input_pool)
+
+    def prepare(batch: Batch) -> dict[str, jax.Array]:
+        return {**batch, "image": pool_images(prepare_images(batch["image"]), pool)}
 
     def loss(outputs: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
         logits, auxiliary = split_auxiliary(outputs)
@@ -222,8 +241,9 @@ def classification(*, label_smoothing: float = 0.0, aux_weight: float = 0.3) -> 
 
     return Task(
         name="classification",
-        options=options_tuple(label_smoothing=smoothing, aux_weight=aux),
+        options=options_tuple(label_smoothing=smoothing, aux_weight=aux, **({"input_pool": pool} if pool > 1 else {})),
         batch_keys=("image", "label"),
+        prepare=prepare if pool > 1 else prepare_image_batch,
         loss=loss,
         eval_sums=eval_sums,
         summarize=summarize_classification,
@@ -253,6 +273,7 @@ __all__ = [
     "classification",
     "cross_entropy_loss",
     "options_tuple",
+    "pool_images",
     "prepare_image_batch",
     "prepare_images",
     "split_auxiliary",
