@@ -72,7 +72,10 @@ class Stage(nn.Module):
             [Residual(in_channels if i == 0 else features, features, stride if i == 0 else 1) for i in range(num_blocks)]
         )
         if scheme == "lm":
-            self.k = nn.Parameter(torch.empty(num_blocks).uniform_(-0.1, 0.0))
+            # One k per block that reads it (as cnn.ode.ODEStage): a transition's block 0 takes a
+            # plain step, so its k would be unused. Drawn for every block, the first dropped.
+            self.k_offset = int(self.transition)
+            self.k = nn.Parameter(torch.empty(num_blocks).uniform_(-0.1, 0.0)[self.k_offset:].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         previous = None
@@ -82,7 +85,8 @@ class Stage(nn.Module):
             if previous is None or self.scheme == "euler":
                 update = state + derivative
             else:
-                update = (1 - self.k[i]) * state + self.k[i] * previous + derivative
+                k = self.k[i - self.k_offset]
+                update = (1 - k) * state + k * previous + derivative
             previous = state
             x = F.relu(update)
         return x
@@ -214,7 +218,7 @@ def load_flax_variables(net: CifarResNet, variables: Mapping[str, Any]) -> Cifar
             _conv(module.conv2, block_params["conv2"]["kernel"])
             _bn(module.bn1, block_params["bn1"], None if block_stats is None else block_stats["bn1"])
             _bn(module.bn2, block_params["bn2"], None if block_stats is None else block_stats["bn2"])
-        if stage.scheme == "lm":
+        if stage.scheme == "lm" and stage.k.numel():
             _copy(stage.k, params[name]["knobs"]["k"])
     _copy(net.fc.weight, np.asarray(params["fc"]["kernel"]).T)
     _copy(net.fc.bias, params["fc"]["bias"])

@@ -221,7 +221,8 @@ def run_cell(
         "seconds_per_step": _median_step_seconds(result.train_history, int(config.batch_size)),
         "seconds_to_first_step": (first_step[0] - started) if first_step else float("nan"),
         "seconds_total": finished - started,
-        "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None),
+        "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None,
+                                dict(config.model_options).get("scheme_options")),
     }
     _write_json(done, summary)
     return _with_config(summary, cell_dir)

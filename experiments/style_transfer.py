@@ -16,16 +16,18 @@ the paper's with pretrained features. To use them, on a machine with torch:
 
 Recorded run (`python -m experiments.style_transfer --workdir runs/style_transfer`, the default
 config: chelsea in the style of hubble_deep_field, 192x289 pixels, random VGG-19 with average
-pooling, alpha 0.5, init from the content image, 100 steps each; CPU, 2 cores shared with other
-jobs):
+pooling, content relu4_2, style relu1_1 ... relu5_1, alpha 0.5, init from the content image, 100
+steps each; 2026-12-06, CPU, 2 cores shared with other jobs; experiments/results/style_transfer):
 
 | optimizer | content loss (start -> end) | style loss (start -> end) | total (start -> end) | seconds |
 |---|---|---|---|---|
-| lbfgs | 0 -> 0.001192 | 0.02163 -> 0.00242 | 0.01081 -> 0.002402 | 1406.7 |
-| adam | 0 -> 0.001721 | 0.02163 -> 0.00285 | 0.01081 -> 0.003146 | 266.6 |
+| lbfgs | 0 -> 0.0003834 | 0.009133 -> 0.0008422 | 0.004567 -> 0.0008045 | 485.0 |
+| adam | 0 -> 0.0009936 | 0.009133 -> 0.0008304 | 0.004567 -> 0.001409 | 81.2 |
 
 The picture keeps the cat and takes on the random features' colour noise, not the galaxy image's
-look: that needs pretrained weights.
+look: that needs pretrained weights. `--config.content_style_ratio=1e-3` uses the paper's
+alpha/beta instead of `alpha`; `--config.rescale_weights=True` the paper's normalization of the
+VGG weights.
 """
 
 from __future__ import annotations
@@ -78,10 +80,17 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
         print("\n" + "!" * 100 + "\n" + extractor.warning + "\n" + "!" * 100 + "\n", flush=True)
     content = load_image(config.content_image, int(config.image_size))
     style = load_image(config.style_image, int(config.image_size))
+    if config.get("rescale_weights", False):
+        size = min(content.shape[:2])
+        image_set = np.stack([st.resize_image(st.example_image(name, size), (size, size)) for name in st.EXAMPLE_IMAGES])
+        extractor = st.rescale_to_unit_mean_activation(extractor, image_set)
+    ratio = config.get("content_style_ratio", None)
     objective = st.StyleObjective.create(
         extractor, content, style, content_layer=config.content_layer, style_layers=tuple(config.style_layers),
-        alpha=float(config.alpha), tv_weight=float(config.tv_weight),
+        alpha=None if ratio is not None else float(config.alpha),
+        content_style_ratio=None if ratio is None else float(ratio), tv_weight=float(config.tv_weight),
     )
+    alpha = float(objective.alpha)
     initial = st.initial_image(content, style, config.init, seed=int(config.seed))
     st.save_image(content, workdir / "content.png")
     st.save_image(style, workdir / "style.png")
@@ -97,7 +106,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
         images[optimizer] = result.image
         st.save_image(result.image, workdir / f"stylized_{optimizer}.png")
         st.plot_losses(
-            result.history, workdir / f"loss_{optimizer}.png", alpha=float(config.alpha),
+            result.history, workdir / f"loss_{optimizer}.png", alpha=alpha,
             title=f"{optimizer}, {extractor.source}" + ("" if extractor.pretrained else " (not pretrained)"),
         )
         runs[optimizer] = {
@@ -111,6 +120,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
         "weights": extractor.source,
         "pretrained": extractor.pretrained,
         "warning": extractor.warning,
+        "alpha": alpha,
+        "content_layer": config.content_layer,
+        "style_layers": list(config.style_layers),
         "config": config.to_dict(),
         "image_shape": list(content.shape),
         "runs": runs,
@@ -119,8 +131,10 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
     lines = [
         f"Style transfer: content `{config.content_image}`, style `{config.style_image}`, "
         f"{content.shape[0]}x{content.shape[1]} pixels, VGG-{config.depth} ({config.pooling} pooling), "
-        f"weights: {extractor.source}; alpha {config.alpha:g}, tv weight {config.tv_weight:g}, "
-        f"init {config.init}, {config.steps} steps.",
+        f"weights: {extractor.source}; content layer {config.content_layer}, style layers "
+        f"{', '.join(config.style_layers)}; alpha {alpha:.4g}"
+        + (f" (the paper's alpha/beta = {float(ratio):g})" if ratio is not None else "")
+        + f", tv weight {config.tv_weight:g}, init {config.init}, {config.steps} steps.",
         "",
     ]
     if extractor.warning:

@@ -331,6 +331,19 @@ def adjust_hue(image: jax.Array, delta: jax.Array | float) -> jax.Array:
     return _from_float(hsv_to_rgb(hsv), image.dtype)
 
 
+def scale_exposure_saturation(image: jax.Array, exposure: jax.Array | float, saturation: jax.Array | float) -> jax.Array:
+    """Multiplies value (V) by `exposure` and saturation (S) by `saturation` in HSV, clipped to
+    [0, 1] (YOLO v1's colour jitter, as darknet does it); hue is kept. A 1-channel image is its
+    own value: it is multiplied by `exposure`."""
+    values = _to_float(image)
+    if image.shape[-1] != 3:
+        return _from_float(values * exposure, image.dtype)
+    hsv = rgb_to_hsv(values)
+    hsv = hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * saturation, 0.0, 1.0))
+    hsv = hsv.at[..., 2].set(jnp.clip(hsv[..., 2] * exposure, 0.0, 1.0))
+    return _from_float(hsv_to_rgb(hsv), image.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Random ops: factories returning `op(key, image, targets) -> (image, targets)`.
 # --------------------------------------------------------------------------------------------
@@ -483,6 +496,33 @@ def random_hue(max_delta: float = 0.05) -> Op:
 
     def op(key, image, targets):
         return adjust_hue(image, jax.random.uniform(key, (), minval=-max_delta, maxval=max_delta)), dict(targets)
+
+    return op
+
+
+def random_scale_factor(key: jax.Array, max_factor: float) -> jax.Array:
+    """darknet's `rand_scale`: `s ~ U[1, max_factor]`, then `s` or `1 / s` with probability 1/2
+    each, so the factor lies in `[1 / max_factor, max_factor]`, symmetric on a log scale."""
+    key_scale, key_invert = jax.random.split(key)
+    scale = jax.random.uniform(key_scale, (), minval=1.0, maxval=max_factor)
+    return jnp.where(jax.random.bernoulli(key_invert), scale, 1.0 / scale)
+
+
+def random_exposure_saturation(max_exposure: float = 1.5, max_saturation: float = 1.5) -> Op:
+    """YOLO v1's colour augmentation ("randomly adjust the exposure and saturation of the image by
+    up to a factor of 1.5 in the HSV color space", Redmon et al. 2016): V and S are multiplied
+    by independent `random_scale_factor`s in `[1 / max, max]` (`scale_exposure_saturation`)."""
+    if max_exposure < 1.0 or max_saturation < 1.0:
+        raise ValueError(
+            f"max_exposure={max_exposure!r} and max_saturation={max_saturation!r} must be >= 1 "
+            "(factors lie in [1/max, max]; 1 disables)"
+        )
+
+    def op(key, image, targets):
+        key_exposure, key_saturation = jax.random.split(key)
+        exposure = random_scale_factor(key_exposure, max_exposure)
+        saturation = random_scale_factor(key_saturation, max_saturation)
+        return scale_exposure_saturation(image, exposure, saturation), dict(targets)
 
     return op
 

@@ -14,10 +14,15 @@ The classifier VGG16 becomes a dense predictor:
   (`vgg_to_fcn_params` reshapes a VGG classifier's Dense kernels with
   `cnn.ops.dense_to_conv_kernel`); `score_fr` (1x1, zero-initialized) scores every class at
   stride 32;
-* learnable transposed convolutions initialized to bilinear interpolation (`BilinearUpsample`)
-  bring the scores back up. FCN-32s upsamples 32x at once. FCN-16s upsamples 2x, adds the scores
-  of pool4 (`score_pool4`, 1x1, zero-initialized), and upsamples 16x. FCN-8s also adds the pool3
-  scores (`score_pool3`) after another 2x and upsamples 8x.
+* transposed convolutions initialized to bilinear interpolation (`BilinearUpsample`) bring the
+  scores back up. FCN-32s upsamples 32x at once. FCN-16s upsamples 2x, adds the scores of pool4
+  (`score_pool4`, 1x1, zero-initialized), and upsamples 16x. FCN-8s also adds the pool3 scores
+  (`score_pool3`) after another 2x and upsamples 8x. As in the paper ("the final layer
+  deconvolutional filters are fixed to bilinear interpolation, while intermediate upsampling
+  layers are initialized to bilinear upsampling, and then learned") and the reference Caffe
+  nets (`lr_mult: 0` on the last Deconvolution), only the 2x upsamplings (`upscore2`,
+  `upscore_pool4`) are parameters; the final one (`upscore`, `upscore16`, `upscore8`) is a fixed
+  bilinear kernel (`learnable_final_upsampling=True` makes it a parameter too).
 
 Crop and alignment. conv1_1 pads its input by `conv1_padding` = 100 pixels (the paper's value),
 so that the 7x7 fc6 sees a non-empty map for any input and the upsampled scores cover the whole
@@ -48,7 +53,7 @@ import numpy as np
 from jax import lax
 
 from cnn import ops
-from cnn.models.layers import check_input, kaiming_fan_out
+from cnn.models.layers import check_image_input, check_input, kaiming_fan_out
 from cnn.models.registry import register
 from cnn.models.vgg import BLOCK_FEATURES, CONVS_PER_BLOCK
 
@@ -413,7 +418,10 @@ class FCN(nn.Module):
       conv1_padding: zero padding of conv1_1 (100 in the paper; 1 keeps sizes, for small inputs).
       dropout_rate: dropout after fc6 and fc7 (rng stream "dropout").
       batch_norm: BatchNorm in the trunk (not in the paper; helps training from scratch).
-      learnable_upsampling: the transposed convs are parameters (bilinear-initialized).
+      learnable_upsampling: the 2x transposed convs before each skip (`upscore2`,
+        `upscore_pool4`) are parameters (bilinear-initialized), as in the paper; False fixes them.
+      learnable_final_upsampling: the final transposed conv to stride 1 is a parameter too (the
+        paper and the reference nets keep it fixed bilinear: False).
     """
 
     num_classes: int = 21
@@ -427,6 +435,7 @@ class FCN(nn.Module):
     dropout_rate: float = 0.5
     batch_norm: bool = False
     learnable_upsampling: bool = True
+    learnable_final_upsampling: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -455,10 +464,8 @@ class FCN(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name="features",
         )
 
-    def _upsample(self, factor: int, name: str) -> BilinearUpsample:
-        return BilinearUpsample(
-            factor, learnable=self.learnable_upsampling, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+    def _upsample(self, factor: int, name: str, *, learnable: bool) -> BilinearUpsample:
+        return BilinearUpsample(factor, learnable=learnable, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def layout(self) -> FCNLayout:
         """The crops and grids of this FCN (the same for every input size; no computation).
@@ -482,6 +489,7 @@ class FCN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_image_input(self, x, first_conv="features/conv1_1")
         # conv1_1 (3x3) needs a side of at least 3 after its padding.
         check_input(x, model=self.registry_name, min_size=max(1, 3 - 2 * self.conv1_padding))
         input_shape = tuple(x.shape)
@@ -513,12 +521,15 @@ class FCN(nn.Module):
         scores = conv(self.num_classes, 1, 0, "score_fr", nn.initializers.zeros)(h)
         grid = grids["pool5"].conv(self.fc6_kernel, 1, self.fc6_padding)
         for skip, up_name in _skips(self.stride):
-            up = self._upsample(2, up_name)
+            up = self._upsample(2, up_name, learnable=self.learnable_upsampling)
             scores, grid = up(scores), up.grid(grid)
             skip_scores = conv(self.num_classes, 1, 0, f"score_{skip}", nn.initializers.zeros)(maps[skip])
             scores, skip_scores, grid = align(scores, grid, skip_scores, grids[skip])
             scores = scores + skip_scores
-        final = self._upsample(self.stride, {32: "upscore", 16: "upscore16", 8: "upscore8"}[self.stride])
+        final = self._upsample(
+            self.stride, {32: "upscore", 16: "upscore16", 8: "upscore8"}[self.stride],
+            learnable=self.learnable_final_upsampling,
+        )
         scores, grid = final(scores), final.grid(grid)
         return crop_to_input(scores, grid, (height, width), model=self.registry_name)
 

@@ -7,18 +7,28 @@ LeCun ConvNet (`create("lecun_convnet")`), input `[batch, 83, 83, 1]`:
     pool1   10x10 pooling, stride 5                    64@14x14    -                               -
     conv2   256 kernels 9x9, sparse: one kernel and    256@6x6     256*9*9       =    20,736     256
             one input map per output map
+            (connections="table": 16 input maps each)              (256*16*9*9   =   331,776)
             (connections="full": every input map)                  (256*64*9*9   = 1,327,104)
     pool2   6x6 pooling, stride 4                      256@1x1     -                               -
     fc      fully connected 256 -> 101                 101         256*101       =    25,856     101
 
-    weights: sparse 51,776, full 1,358,144; with biases (use_bias=True): 52,197 and 1,358,565.
+    weights: sparse 51,776, table 362,816, full 1,358,144; with biases (use_bias=True): 52,197,
+    363,237 and 1,358,565.
 
 The lecture's slide prints the classifier's weight count as "60916"; that is an arithmetic slip,
 256 x 101 = 25,856. Side lengths follow `floor((n + 2p - f) / s) + 1`: 83 -> 75 -> 14 -> 6 -> 1.
 
-The sparse connection table: output map `j` of conv2 reads input map `floor(j / 4)` only (each of
-the 64 input maps feeds 4 output maps), i.e. a grouped convolution with 64 groups. Such fixed
-connection tables are how the lecture's networks kept the second layer small.
+Connection tables of conv2. `connections="sparse"` (default) is the table that gives the slide's
+20,736 weights: output map `j` reads input map `floor(j / 4)` only (each of the 64 input maps
+feeds 4 output maps), a grouped convolution with 64 groups, 64 times smaller than the full layer.
+LeCun's original network (the 83x83 Caltech-101 net; Jarrett, Kavukcuoglu, Ranzato & LeCun 2009)
+connects each of the 256 output maps to a random subset of 16 of the 64 input maps: 4,096 9x9
+kernels, 331,776 weights. `connections="table"` builds such a table (`lecun_connection_table`: drawn
+once from a fixed seed, balanced so that every input map feeds 64 output maps). So LeCun's table
+makes the second layer 4 times smaller than the full one (1,327,104 weights), not 64 times; what
+kept the nets of the lecture small is mainly weight sharing and pooling: conv2's 331,776 weights
+compute 256 maps of 6x6 from 64 maps of 14x14, which a fully connected layer would need
+64*14*14 * 256*6*6 = 115,605,504 weights for.
 
 LeNet-5 (`create("lenet5")`), input `[batch, 32, 32, 1]` (MNIST digits padded by 2 pixels):
 
@@ -47,8 +57,9 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-from cnn.models.layers import AvgPool, MaxPool, check_input, conv_output_size, flatten, pool_output_size
+from cnn.models.layers import AvgPool, MaxPool, check_image_input, check_input, conv_output_size, flatten, pool_output_size
 from cnn.models.registry import register
 
 Dtype = Any
@@ -86,6 +97,31 @@ def lenet5_sizes(n: int) -> list[int]:
     return [c1, s2, c3, s4, c5]
 
 
+def lecun_connection_table(inputs: int = 64, outputs: int = 256, fan_in: int = 16, seed: int = 0) -> np.ndarray:
+    """A random connection table in the manner of LeCun's: `[outputs, fan_in]` input-map indices.
+
+    Output map `j` reads the `fan_in` distinct input maps `table[j]`. Drawn from `seed` and
+    balanced: each run of `inputs // fan_in` consecutive output maps splits one random
+    permutation of the inputs, so every input map feeds `outputs * fan_in / inputs` output maps
+    (64 for the default 64 -> 256 maps with 16 inputs each, Jarrett et al. 2009).
+
+    Raises:
+      ValueError: `fan_in` does not divide `inputs`, or `inputs // fan_in` does not divide `outputs`.
+    """
+    if not (1 <= fan_in <= inputs and inputs % fan_in == 0 and outputs % (inputs // fan_in) == 0):
+        raise ValueError(
+            f"fan_in={fan_in} must divide inputs={inputs}, and inputs // fan_in must divide outputs={outputs}"
+        )
+    generator = np.random.default_rng(seed)
+    per_permutation = inputs // fan_in
+    rows = [
+        np.sort(part)
+        for _ in range(outputs // per_permutation)
+        for part in generator.permutation(inputs).reshape(per_permutation, fan_in)
+    ]
+    return np.stack(rows).astype(np.int32)
+
+
 LECUN_CONVNET_INPUT_RANGE = _valid_range(lecun_convnet_sizes)
 LENET5_INPUT_RANGE = _valid_range(lenet5_sizes)
 
@@ -96,7 +132,9 @@ class LeCunConvNet(nn.Module):
 
     Attributes:
       num_classes: output classes (101, Caltech-101, in the lecture).
-      connections: "sparse" (the lecture's table: one 9x9 kernel per conv2 output map) or "full".
+      connections: "sparse" (one input map and 9x9 kernel per conv2 output map: the slide's
+        20,736 weights), "table" (LeCun's: 16 input maps per output map, `lecun_connection_table`)
+        or "full".
       use_bias: add a bias per output map/unit (the lecture's counts are weights only).
       activation: "relu" or "tanh", applied after each convolution.
       pooling: "max" or "avg".
@@ -114,13 +152,14 @@ class LeCunConvNet(nn.Module):
     canonical_input_shape: ClassVar[tuple[int, int, int]] = (83, 83, 1)
 
     def __post_init__(self):
-        _check_choice("connections", self.connections, {"sparse", "full"})
+        _check_choice("connections", self.connections, {"sparse", "table", "full"})
         _check_choice("activation", self.activation, set(_ACTIVATIONS))
         _check_choice("pooling", self.pooling, {"max", "avg"})
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="conv1", model="lecun_convnet")
         del train  # no dropout or batch norm
         low, high = LECUN_CONVNET_INPUT_RANGE
         check_input(x, model="lecun_convnet", min_size=low, max_size=high, why="fc must read a 1x1 map")
@@ -132,9 +171,14 @@ class LeCunConvNet(nn.Module):
         )
         x = act(conv(64, 1, "conv1")(x))
         x = pool(10, 5, name="pool1")(x)
-        # Sparse: 64 groups of 1 input map -> 4 output maps; output map j reads input map j // 4.
-        groups = x.shape[-1] if self.connections == "sparse" else 1
-        x = act(conv(256, groups, "conv2")(x))
+        if self.connections == "table":
+            # Each output map's 16 input maps side by side, then one group per output map.
+            table = lecun_connection_table(x.shape[-1], 256, 16)
+            x = act(conv(256, 256, "conv2")(x[..., table.reshape(-1)]))
+        else:
+            # Sparse: 64 groups of 1 input map -> 4 output maps; output map j reads input map j // 4.
+            groups = x.shape[-1] if self.connections == "sparse" else 1
+            x = act(conv(256, groups, "conv2")(x))
         x = pool(6, 4, name="pool2")(x)
         return nn.Dense(
             self.num_classes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="fc"
@@ -164,6 +208,7 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="c1", model="lenet5")
         del train
         low, high = LENET5_INPUT_RANGE
         check_input(x, model="lenet5", min_size=low, max_size=high, why="c5 must reduce the map to 1x1")

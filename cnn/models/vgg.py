@@ -11,9 +11,11 @@ The network is split as torchvision splits it, so later work can reuse the parts
 - `VGGFeatures` (params under "features"): the convolutional trunk, 3x3 convs (pad 1) + ReLU in
   five blocks of 64, 128, 256, 512, 512 maps, each block ending in a 2x2/2 pool. Its layers are
   named `conv{block}_{i}` (after BatchNorm when `batch_norm=True`, before ReLU),
-  `relu{block}_{i}` and `pool{block}`; `features(x, train=..., outputs=("conv4_2", "pool3"))`
-  returns those maps by name, for style transfer (Gatys' conv1_1..conv5_1), FCN skips
-  (pool3, pool4) and feature extraction.
+  `relu{block}_{i}` (after it) and `pool{block}`; `features(x, train=..., outputs=("relu4_2",
+  "pool3"))` returns those maps by name, for style transfer, FCN skips (pool3, pool4) and feature
+  extraction. Gatys et al.'s "conv4_2" and "conv1_1 ... conv5_1" are the ReLU outputs here
+  (`relu4_2`, `relu1_1 ... relu5_1`): their Caffe VGG applies ReLU in place, so the blob named
+  conv4_2 holds the rectified map, and their code reads those.
 - an adaptive average pool to 7x7 (torchvision's `avgpool`), which lets any input of at least
   32x32 (with all five pools) reach the classifier;
 - `VGGClassifier` (params under "classifier"): fc6 (7*7*512 -> 4096), ReLU, dropout, fc7
@@ -34,7 +36,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.layers import AdaptiveAvgPool, AvgPool, MaxPool, check_input, flatten, kaiming_fan_out
+from cnn.models.layers import AdaptiveAvgPool, AvgPool, MaxPool, check_image_input, check_input, flatten, kaiming_fan_out
 from cnn.models.registry import register
 
 Dtype = Any
@@ -113,6 +115,7 @@ class VGGFeatures(nn.Module):
         Returns:
           The last block's output `[batch, h', w', 512]`, or the dict of requested maps.
         """
+        check_image_input(self, x, first_conv="conv1_1", model=f"vgg{self.depth} features")
         check_input(x, model=f"vgg{self.depth} features", min_size=self.min_input_size)
         wanted = None if outputs is None else list(outputs)
         if wanted is not None:
@@ -211,6 +214,7 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        check_image_input(self, x, first_conv="features/conv1_1", model=f"vgg{self.depth}")
         check_input(x, model=f"vgg{self.depth}", min_size=32)
         x = VGGFeatures(
             self.depth, self.batch_norm, bn_axis_name=self.bn_axis_name,

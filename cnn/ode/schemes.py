@@ -10,8 +10,9 @@ Two families cover the catalogue:
 - Runge-Kutta (one-step) schemes, given by a Butcher tableau `(a, b)`:
       K_i = F(x_t + h * sum_j a_ij K_j),   x_{t+1} = x_t + h * sum_i b_i K_i.
   Explicit tableaus (a strictly lower triangular) are evaluated stage by stage; an implicit one
-  (backward Euler) is solved by a fixed number of fixed-point sweeps. All stages call the same
-  `F` -- in a network, the same block with the same weights.
+  (backward Euler) is solved by fixed-point sweeps: a fixed number (`iterations`), or until the
+  relative change of a sweep is at most `tolerance`, with `iterations` as the maximum. All stages
+  call the same `F` -- in a network, the same block with the same weights.
 - Linear multistep schemes with coefficients that may depend on knobs:
       x_{t+1} = sum_j alpha_j x_{t-j} + h * sum_j beta_j F(x_{t-j}),   j = 0, 1, ...
   `F(x_t)` is the only new evaluation per step; the past states and derivatives travel in a
@@ -44,10 +45,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 START_MODES = ("euler", "copy")
+GRADIENT_MODES = ("unrolled", "implicit")
 
 
 class History(NamedTuple):
@@ -153,7 +156,17 @@ class Scheme:
       order: global order of accuracy for a smooth autonomous `F`.
       h: step size (`h = 1` with forward Euler is the plain ResNet).
       rk_a, rk_b: Butcher tableau of a Runge-Kutta scheme.
-      iterations: fixed-point sweeps per step for an implicit tableau (ignored when explicit).
+      iterations: fixed-point sweeps per step for an implicit tableau (ignored when explicit):
+        exactly this many without `tolerance`, at most this many with it.
+      tolerance: for an implicit tableau, stop sweeping once a sweep changes the stage inputs by
+        at most `tolerance` relative to the step's result (`|h (K_new - K)| / |x_{t+1}|`, norms
+        over the whole array: in a network the batch is one state); None sweeps `iterations`
+        times. Sweeps after convergence are still computed (a fixed count keeps the step
+        reverse-differentiable and jit-able) but change nothing.
+      gradient: how a network differentiates an implicit step: "unrolled" backpropagates
+        through the sweeps; "implicit" uses the implicit-function theorem at the last sweep
+        (as deep-equilibrium models do; `cnn.ode.stage`). `step` itself computes the same values
+        either way.
       alpha: multistep coefficients on `x_t, x_{t-1}, ...`.
       beta: multistep coefficients on `F(x_t), F(x_{t-1}), ...` (explicit: no `F(x_{t+1})`).
       knobs: learnable per-block scalars used by `alpha` / `beta`.
@@ -166,6 +179,8 @@ class Scheme:
     rk_a: tuple[tuple[float, ...], ...] = ()
     rk_b: tuple[float, ...] = ()
     iterations: int = 1
+    tolerance: float | None = None
+    gradient: str = "unrolled"
     alpha: tuple[Coefficient, ...] = ()
     beta: tuple[Coefficient, ...] = ()
     knobs: tuple[Knob, ...] = ()
@@ -177,6 +192,14 @@ class Scheme:
             raise ValueError(
                 f"iterations={self.iterations!r}: an implicit scheme needs at least 1 fixed-point iteration"
             )
+        if self.tolerance is not None and not (
+            isinstance(self.tolerance, (int, float)) and np.isfinite(self.tolerance) and self.tolerance > 0
+        ):
+            raise ValueError(
+                f"tolerance={self.tolerance!r}: must be a finite number > 0 (or None for a fixed number of sweeps)"
+            )
+        if self.gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient={self.gradient!r}: must be one of {GRADIENT_MODES}")
         if bool(self.rk_b) == bool(self.beta):
             raise ValueError(f"scheme {self.name!r}: give either a Butcher tableau or multistep coefficients")
         if self.rk_b:
@@ -185,6 +208,11 @@ class Scheme:
                 raise ValueError(f"scheme {self.name!r}: rk_a must be {s}x{s} to match rk_b")
         elif not self.alpha:
             raise ValueError(f"scheme {self.name!r}: a multistep scheme needs alpha")
+        if self.gradient == "implicit" and not (self.rk_b and self.is_implicit and len(self.rk_b) == 1):
+            raise ValueError(
+                f"scheme {self.name!r}: gradient='implicit' needs a one-stage implicit tableau (backward Euler); "
+                "use gradient='unrolled'"
+            )
         known = {knob.name for knob in self.knobs}
         used = {name for c in self.alpha + self.beta for name, _ in c.terms}
         if used - known:
@@ -214,7 +242,8 @@ class Scheme:
 
     @property
     def evals_per_step(self) -> int:
-        """`F` evaluations per step (stages x sweeps for an implicit tableau)."""
+        """`F` evaluations per step (stages x sweeps for an implicit tableau; with a `tolerance`
+        the maximum, which is what a network computes)."""
         if self.kind == "multistep":
             return 1
         return len(self.rk_b) * (self.iterations if self.is_implicit else 1)
@@ -267,6 +296,10 @@ class Scheme:
         first: Any = False,
         start: str = "euler",
         shortcut: Callable[[Any], Any] | None = None,
+        project_state: Callable[[Any], Any] | None = None,
+        project_derivative: Callable[[Any], Any] | None = None,
+        on_solve: Callable[[dict[str, Any]], None] | None = None,
+        implicit_gradient: Callable[[Callable[[Any], Any], Any, Any], Any] | None = None,
     ) -> tuple[Any, History]:
         """One step `x_t -> x_{t+1}` of the scheme.
 
@@ -281,6 +314,17 @@ class Scheme:
             `nn.scan`); `history=None` implies it. Ignored by one-step schemes.
           start: `"euler"` or `"copy"`, how a multistep scheme takes its first step (module doc).
           shortcut: `S` of a shape-changing transition, or None. See the module docstring.
+          project_state, project_derivative: how a multistep scheme given a history at a
+            transition maps past states and past derivatives to the new shape (default: both
+            through `shortcut`). A network passes `S` without side effects for states and the
+            linear part of `S` for derivatives (`cnn.ode.stage`).
+          on_solve: called once per implicit step with `{"residual": r, "sweeps": n}`: the
+            relative change of the last sweep that counted (the implicit equation's residual at
+            the previous iterate, relative to the result) and the sweeps used (scalars).
+          implicit_gradient: for `gradient="implicit"`, `implicit_gradient(f, x, k)` computes the
+            last sweep's stage value `F(x + h a k)` from the previous one `k` (one-stage
+            tableau) in place of `f(...)`; a network attaches the implicit-function-theorem
+            gradient there (`cnn.ode.stage`). None: `f(x + h a k)`.
 
         Returns:
           `(x_next, history_next)`, `history_next` ready for the following step.
@@ -292,7 +336,7 @@ class Scheme:
         if self.kind == "runge_kutta":
             if shortcut is not None:
                 return shortcut(x) + h * f(x), History()
-            return self._runge_kutta(f, x), History()
+            return self._runge_kutta(f, x, on_solve, implicit_gradient), History()
 
         derivative = f(x)
         state = x if shortcut is None else shortcut(x)
@@ -308,8 +352,10 @@ class Scheme:
                     f"scheme {self.name!r} keeps {p} and {q}"
                 )
             if shortcut is not None:
-                past_states = tuple(shortcut(s) for s in past_states)
-                past_derivatives = tuple(shortcut(d) for d in past_derivatives)
+                map_state = project_state or shortcut
+                map_derivative = project_derivative or shortcut
+                past_states = tuple(map_state(s) for s in past_states)
+                past_derivatives = tuple(map_derivative(d) for d in past_derivatives)
             if start == "copy":
                 past_states = tuple(_select(first, state, s) for s in past_states)
                 past_derivatives = tuple(_select(first, derivative, d) for d in past_derivatives)
@@ -340,7 +386,13 @@ class Scheme:
         x_next = x_next + h * update
         return x_next, History(states[:p], derivatives[:q])
 
-    def _runge_kutta(self, f: Callable[[Any], Any], x: Any) -> Any:
+    def _runge_kutta(
+        self,
+        f: Callable[[Any], Any],
+        x: Any,
+        on_solve: Callable[[dict[str, Any]], None] | None = None,
+        implicit_gradient: Callable[[Callable[[Any], Any], Any, Any], Any] | None = None,
+    ) -> Any:
         a, b, h = self.rk_a, self.rk_b, self.h
         s = len(b)
 
@@ -351,20 +403,73 @@ class Scheme:
                     z = z + (h * a[i][j]) * k
             return z
 
+        def combine(ks: list[Any]) -> Any:
+            update: Any = 0
+            for bi, k in zip(b, ks):
+                if bi != 0.0:
+                    update = update + bi * k
+            return x + h * update
+
         if not self.is_implicit:
             ks: list[Any] = []
             for i in range(s):
                 ks.append(f(stage_input(i, ks)))
-        else:
-            # Fixed-point (Jacobi) sweeps from K = 0: the first sweep evaluates F(x) for every stage.
-            ks = [f(x) for _ in range(s)]
-            for _ in range(self.iterations - 1):
-                ks = [f(stage_input(i, ks)) for i in range(s)]
-        update: Any = 0
-        for bi, k in zip(b, ks):
-            if bi != 0.0:
-                update = update + bi * k
-        return x + h * update
+            return combine(ks)
+
+        # Fixed-point (Jacobi) sweeps from K = 0: the first sweep evaluates F(x) for every stage.
+        tolerance = self.tolerance
+        track = tolerance is not None or on_solve is not None
+        ks = [f(x) for _ in range(s)]
+        if track:
+            residual = _relative_change(h, ks, None, combine(ks))
+            sweeps: Any = 1
+            done: Any = False if tolerance is None else residual <= tolerance
+        for sweep in range(2, self.iterations + 1):
+            last_implicit = implicit_gradient is not None and sweep == self.iterations
+            if last_implicit:  # one stage (checked by __post_init__): K = F(x + h a K)
+                new = [implicit_gradient(f, x, ks[0])]
+            else:
+                new = [f(stage_input(i, ks)) for i in range(s)]
+            if not track:
+                ks = new
+                continue
+            change = _relative_change(h, new, ks, combine(new))
+            if tolerance is None:
+                ks, residual, sweeps = new, change, sweep
+                continue
+            xp = _namespace(change, *new)
+            # Converged sweeps keep their K. (The implicit-gradient sweep is always taken: the
+            # gradient enters there; after convergence it moves K by at most the tolerance.)
+            ks = new if last_implicit else [xp.where(done, k, n) for k, n in zip(ks, new)]
+            residual = xp.where(done, residual, change)
+            sweeps = xp.where(done, sweeps, sweep)
+            done = done | (change <= tolerance)
+        if on_solve is not None:
+            on_solve({"residual": residual, "sweeps": sweeps})
+        return combine(ks)
+
+
+def _namespace(*values: Any) -> Any:
+    """`jax.numpy` when any value is a JAX array (or tracer), else numpy: the step keeps numpy
+    float64 / complex inputs (the analysis tools) in numpy."""
+    return jnp if any(isinstance(v, jax.Array) for v in values) else np
+
+
+def _sum_of_squares(value: Any) -> Any:
+    xp = _namespace(value)
+    value = xp.asarray(value)
+    if xp is jnp and jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(jnp.promote_types(value.dtype, jnp.float32))  # bfloat16 sums lose digits
+    return xp.sum(xp.abs(value) ** 2)
+
+
+def _relative_change(h: float, new: list[Any], old: list[Any] | None, result: Any) -> Any:
+    """`|h (new - old)| / |result|` over every stage (old = 0 when None): the change of the stage
+    inputs made by a sweep, relative to the step's result."""
+    change = sum(_sum_of_squares(h * (n if old is None else n - o)) for n, o in zip(new, old or new))
+    xp = _namespace(change)
+    scale = xp.sqrt(_sum_of_squares(result))
+    return xp.sqrt(change) / xp.maximum(scale, xp.finfo(xp.asarray(scale).dtype).tiny)
 
 
 # ------------------------------------------------------------------------------------ catalogue
@@ -497,18 +602,34 @@ def leapfrog(h: float = 1.0) -> Scheme:
     )
 
 
-def backward_euler(h: float = 1.0, iterations: int = 3) -> Scheme:
+def backward_euler(
+    h: float = 1.0, iterations: int = 3, tolerance: float | None = None, gradient: str = "unrolled"
+) -> Scheme:
     """Backward (implicit) Euler `x_{t+1} = x_t + h F(x_{t+1})`, solved by fixed-point iteration:
 
-        z_0 = x_t,   z_{i+1} = x_t + h F(z_i),   x_{t+1} = z_iterations.
+        z_0 = x_t,   z_{i+1} = x_t + h F(z_i),   x_{t+1} = z_n.
 
-    `iterations = 1` is forward Euler; each sweep costs one evaluation and multiplies the distance
-    to the implicit solution by about `h * Lip(F)`. Order 1.
+    Without `tolerance`, `n = iterations` sweeps: a fixed explicit rule (`iterations = 1` is
+    forward Euler, 2 is `x + h F(x + h F(x))`) that approaches the implicit solution only when
+    `h * Lip(F) < 1` (each sweep multiplies the distance by about that factor). With a
+    `tolerance`, sweeping stops at the first `i` with `|z_{i+1} - z_i| / |z_{i+1}| <= tolerance`
+    (`|z_{i+1} - z_i|` is the implicit equation's residual at `z_i`), `iterations` being the
+    maximum; the network reports the residual reached and the sweeps used per block
+    (`cnn.ode.stage.implicit_solve_stats`), since nothing guarantees convergence at `h = 1`.
+    `gradient="implicit"` differentiates the solution by the implicit-function theorem
+    instead of through the sweeps. Order 1.
     """
+    if tolerance is None:
+        solve = f"{iterations} fixed-point sweeps z <- x_t + h F(z) from z_0 = x_t; no tolerance"
+    else:
+        solve = (
+            f"fixed-point sweeps z <- x_t + h F(z) from z_0 = x_t until |dz|/|z| <= {tolerance:g}, "
+            f"at most {iterations}"
+        )
     return Scheme(
         "backward_euler",
-        f"x_{{t+1}} = x_t + h F(x_{{t+1}})   ({iterations} fixed-point iterations z <- x_t + h F(z), z_0 = x_t)",
-        order=1, h=h, rk_a=((1.0,),), rk_b=(1.0,), iterations=iterations,
+        f"x_{{t+1}} = x_t + h F(x_{{t+1}})   ({solve})",
+        order=1, h=h, rk_a=((1.0,),), rk_b=(1.0,), iterations=iterations, tolerance=tolerance, gradient=gradient,
     )
 
 
@@ -597,6 +718,7 @@ def get_scheme(name: str | Scheme, **options: Any) -> Scheme:
 __all__ = [
     "ALIASES",
     "CATALOGUE",
+    "GRADIENT_MODES",
     "START_MODES",
     "Coefficient",
     "History",

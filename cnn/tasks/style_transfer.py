@@ -1,19 +1,42 @@
 """Neural style transfer (Gatys, Ecker & Bethge 2016): optimize an image's pixels to match the
 content features of one image and the feature statistics (Gram matrices) of another.
 
-For a VGG trunk, let `F_l(x)` be the `[H_l, W_l, C_l]` map of layer `l` for image `x`, seen as a
-matrix `[M_l = H_l W_l, C_l]`. Then
+For a VGG trunk, let `F_l(x)` be the `[H_l, W_l, N_l]` map of layer `l` for image `x`, seen as a
+matrix `[M_l = H_l W_l, N_l]`. Then
 
-    Gram matrix    G_l(x) = F_l(x)^T F_l(x) / M_l                                   [C_l, C_l]
-    content loss   L_c(x) = mean((F_c(x) - F_c(p))^2)       on one layer c (conv4_2)
+    Gram matrix    G_l(x) = F_l(x)^T F_l(x) / M_l                                   [N_l, N_l]
+    content loss   L_c(x) = mean((F_c(x) - F_c(p))^2)       on one layer c (relu4_2)
     style loss     L_s(x) = sum_l w_l mean((G_l(x) - G_l(a))^2)   over several layers
     total          L(x)   = L_c(x) + alpha * L_s(x) + tv_weight * TV(x)
 
 with `p` the content image, `a` the style image and `TV` the mean squared difference of
-neighbouring pixels. Relation to the paper's sums: `mean((G - A)^2) = 4 E_l` (Gatys' E_l
-normalizes by `4 N_l^2 M_l^2` with unnormalized Grams), and `L_c = 2 / (C H W)` times Gatys'
-`1/2 sum (F - P)^2`; both terms are independent of the image size. The layers and `w_l = 1/5`
-follow the paper (content conv4_2, style conv1_1 ... conv5_1, average pooling).
+neighbouring pixels. The layers are the paper's: content "conv4_2", style "conv1_1" ...
+"conv5_1" with `w_l = 1/5`, which in the paper's Caffe VGG (in-place ReLU) and in Gatys' own code
+are the rectified maps -- `relu4_2` and `relu1_1 ... relu5_1` here (`cnn.models.vgg`); average
+pooling as in the paper.
+
+Relation to the paper's loss `alpha_p L_content + beta_p L_style`, with `L_content = 1/2
+sum (F - P)^2` and `L_style = sum_l w_l E_l`, `E_l = sum (G^p - A^p)^2 / (4 N_l^2 M_l^2)` over
+unnormalized Grams `G^p = F^T F = M_l G_l` (a style image of another size enters with its Gram
+per position, `A_l`, i.e. `A^p = M_l A_l`):
+
+    mean((G_l - A_l)^2) = sum (G^p - A^p)^2 / (M_l^2 N_l^2) = 4 E_l,   so  L_s = 4 L_style,
+    L_c = sum (F - P)^2 / (N_c M_c) = 2 L_content / (N_c M_c),
+
+and `L = (2 / (N_c M_c)) (L_content + 2 N_c M_c alpha L_style)`: the code's `alpha` is the
+paper's `beta_p / alpha_p` divided by `2 N_c M_c` (the number of entries of the content map,
+twice), so it depends on the image size. `StyleObjective.create(..., content_style_ratio=r)`
+sets `alpha = 1 / (2 N_c M_c r)` (`alpha_for_content_style_ratio`): then `L` is the paper's
+loss with `alpha_p / beta_p = r` up to the constant factor `2 / (N_c M_c r)` (same minimizer;
+Adam and the L-BFGS search direction do not see the factor), so the paper's ratios 1e-3 and 1e-4
+mean what they mean there.
+
+The paper also normalizes the VGG weights "by scaling the weights such that the mean activation
+of each convolutional filter over images and positions is equal to one";
+`rescale_to_unit_mean_activation(extractor, images)` does that (each filter divided by its mean
+rectified activation, the next layer compensating). ReLU and pooling are positively
+homogeneous, so every map is rescaled per channel: the relative weight of channels and layers
+in the losses changes, not what the network computes.
 
 The pixels (RGB in [0, 1], normalized with the feature extractor's mean/std inside the loss)
 are optimized with Optax: Adam, or L-BFGS (`optax.lbfgs`, zoom line search) as in the paper.
@@ -48,8 +71,9 @@ from tqdm.auto import tqdm
 from cnn.models import convert
 from cnn.models.vgg import VGGFeatures, vgg_layer_names
 
-CONTENT_LAYER = "conv4_2"
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+# The paper's layers: Caffe's "conv4_2" etc. hold the rectified maps (in-place ReLU).
+CONTENT_LAYER = "relu4_2"
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's normalization of its pretrained VGGs
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("adam", "lbfgs")
@@ -244,8 +268,67 @@ def _placeholder_classifier(width: int = 1, classes: int = 1) -> dict[str, np.nd
     }
 
 
+def rescale_to_unit_mean_activation(extractor: FeatureExtractor, images: np.ndarray) -> FeatureExtractor:
+    """The paper's normalization of VGG: each conv filter scaled so that its mean rectified
+    activation over `images` and positions is 1, without changing what the network computes.
+
+    With `m_l` the per-channel mean of `relu{l}` over the image set (one forward pass), filter
+    `c` of layer `l` is divided by `m_l[c]` (kernel and bias; with BatchNorm, BN's scale and
+    bias) and the next layer's weights on its input channel `c` are multiplied by `m_l[c]`.
+    ReLU and pooling commute with positive per-channel scales, so every map becomes the original
+    one divided by its channel's mean ("such re-scaling can be done for the VGG network without
+    changing its output", Gatys et al.). Filters with mean 0 (never active) stay.
+
+    Args:
+      extractor: the feature extractor to rescale (its variables are not modified).
+      images: `[batch, H, W, 3]` RGB in [0, 1] (all of one size), the image set.
+
+    Returns:
+      A `FeatureExtractor` with the rescaled variables (same module and normalization).
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [batch, height, width, 3], got shape {tuple(images.shape)}")
+    module = extractor.module
+    layers = tuple(name for name in vgg_layer_names(module.depth) if name.startswith("relu"))
+    maps = _features(extractor, images, layers)
+    variables = jax.tree_util.tree_map(lambda a: np.array(a, np.float64), flax.core.unfreeze(extractor.variables))
+    params = variables["params"]
+    previous = None  # the means the current layer's input channels were divided by
+    for name in layers:
+        mean = np.asarray(maps[name], np.float64).mean(axis=(0, 1, 2))
+        divisor = np.where(mean > 0, mean, 1.0)
+        suffix = name[len("relu"):]
+        conv = params[f"conv{suffix}"]
+        if previous is not None:  # undo the previous layer's scaling on this layer's inputs
+            conv["kernel"] = conv["kernel"] * previous[None, None, :, None]
+        output = params[f"bn{suffix}"] if module.batch_norm else conv
+        for key in ("scale", "bias") if module.batch_norm else ("kernel", "bias"):
+            output[key] = output[key] / divisor
+        previous = divisor
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)
+    return dataclasses.replace(
+        extractor, variables=variables,
+        source=f"{extractor.source}, rescaled to mean activation 1 per filter over {images.shape[0]} images",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses
+
+
+def alpha_for_content_style_ratio(ratio: float, content_map_shape: Sequence[int]) -> float:
+    """The code's `alpha` equivalent to the paper's `alpha_p / beta_p = ratio` (module docstring):
+    `1 / (2 N_c M_c ratio)`, `N_c M_c` the number of entries of one image's content map
+    (`content_map_shape` `[H, W, N]` or `[1, H, W, N]`)."""
+    if not ratio > 0:
+        raise ValueError(f"ratio={ratio!r}: the paper's alpha/beta must be > 0 (e.g. 1e-3 or 1e-4)")
+    shape = tuple(int(d) for d in content_map_shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise ValueError(f"content_map_shape={shape}: expected [height, width, channels]")
+    return 1.0 / (2.0 * float(np.prod(shape)) * ratio)
 
 
 def gram_matrix(features: jnp.ndarray) -> jnp.ndarray:
@@ -305,7 +388,8 @@ class StyleObjective:
         content_layer: str = CONTENT_LAYER,
         style_layers: Sequence[str] = STYLE_LAYERS,
         style_layer_weights: Sequence[float] | None = None,
-        alpha: float = 1e3,
+        alpha: float | None = None,
+        content_style_ratio: float | None = None,
         tv_weight: float = 0.0,
     ) -> StyleObjective:
         """Computes the content features and the style Grams once.
@@ -313,15 +397,26 @@ class StyleObjective:
         Args:
           extractor: the VGG feature extractor.
           content_image, style_image: `[H, W, 3]` in [0, 1] (sizes may differ).
-          content_layer: the layer whose maps the result must match (the paper: conv4_2).
-          style_layers: the layers whose Grams it must match (the paper: conv1_1 ... conv5_1).
+          content_layer: the layer whose maps the result must match (the paper's conv4_2:
+            `relu4_2`).
+          style_layers: the layers whose Grams it must match (the paper's conv1_1 ... conv5_1:
+            `relu1_1 ... relu5_1`).
           style_layer_weights: `w_l`, default `1 / len(style_layers)` each.
-          alpha: weight of the style loss relative to the content loss.
+          alpha: weight of the style loss relative to the content loss in this module's
+            normalization (default 1e3 when `content_style_ratio` is not given either).
+          content_style_ratio: the paper's `alpha / beta` (1e-3 or 1e-4 there); sets
+            `alpha = alpha_for_content_style_ratio(ratio, content map shape)`. Give `alpha` or
+            this, not both.
           tv_weight: weight of the total-variation smoothness term (0 disables it).
 
         Raises:
-          ValueError: unknown layer names, mismatched weights, negative weights, non-RGB images.
+          ValueError: unknown layer names, mismatched weights, negative weights, non-RGB images,
+            both `alpha` and `content_style_ratio`.
         """
+        if alpha is not None and content_style_ratio is not None:
+            raise ValueError(
+                f"alpha={alpha!r} and content_style_ratio={content_style_ratio!r}: give one (the ratio sets alpha)"
+            )
         valid = vgg_layer_names(extractor.module.depth)
         unknown = sorted({content_layer, *style_layers} - set(valid))
         if unknown:
@@ -334,13 +429,17 @@ class StyleObjective:
             raise ValueError(
                 f"style_layer_weights has {len(style_layer_weights)} entries for {len(style_layers)} style_layers"
             )
-        if alpha < 0 or tv_weight < 0:
+        if (alpha is not None and alpha < 0) or tv_weight < 0:
             raise ValueError(f"alpha={alpha} and tv_weight={tv_weight} must be >= 0")
         for argument, image in (("content_image", content_image), ("style_image", style_image)):
             if np.ndim(image) != 3 or np.shape(image)[-1] != 3:
                 raise ValueError(f"{argument} must be an RGB image [height, width, 3], got shape {np.shape(image)}")
         content = _features(extractor, jnp.asarray(content_image, jnp.float32)[None], (content_layer,))[content_layer]
         style_maps = _features(extractor, jnp.asarray(style_image, jnp.float32)[None], tuple(style_layers))
+        if content_style_ratio is not None:
+            alpha = alpha_for_content_style_ratio(content_style_ratio, content.shape)
+        elif alpha is None:
+            alpha = 1e3
         return cls(
             extractor=extractor,
             image_shape=tuple(int(d) for d in np.shape(content_image)),
@@ -535,12 +634,14 @@ __all__ = [
     "FeatureExtractor",
     "StyleObjective",
     "StyleResult",
+    "alpha_for_content_style_ratio",
     "content_loss",
     "example_image",
     "gram_matrix",
     "initial_image",
     "make_step",
     "plot_losses",
+    "rescale_to_unit_mean_activation",
     "resize_image",
     "save_image",
     "stylize",

@@ -33,7 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # two terms' scales depend on the weights: 0.5 balances them for the random VGG-19 default.
     config.alpha = 0.5
     # Or the paper's alpha/beta (1e-3, 1e-4), converted for the image size; replaces alpha when set.
-    config.content_style_ratio = None
+    config.content_style_ratio = ml_collections.config_dict.placeholder(float)
     # The paper's normalization: every filter scaled to mean activation 1 over the bundled images.
     config.rescale_weights = False
     config.tv_weight = 0.0

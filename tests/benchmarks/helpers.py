@@ -22,7 +22,9 @@ def load_script(name: str):
 
 def cifar_resnet_params(depth: int, knobs_per_block: int = 0) -> int:
     """Parameters of He et al.'s CIFAR ResNet (option A, 10 classes), counted by hand:
-    3x3 convs without bias, BatchNorm scale + bias, dense 64 -> 10 with bias."""
+    3x3 convs without bias, BatchNorm scale + bias, dense 64 -> 10 with bias; plus
+    `knobs_per_block` scheme knobs for every block that reads them: all 3n but the first blocks of
+    stages 2 and 3 (transitions: an Euler step with the history restarted)."""
     n = (depth - 2) // 6
     conv = lambda c_in, c_out: 9 * c_in * c_out  # noqa: E731
     bn = lambda c: 2 * c  # noqa: E731
@@ -30,7 +32,7 @@ def cifar_resnet_params(depth: int, knobs_per_block: int = 0) -> int:
     for c_in, c_out in ((16, 16), (16, 32), (32, 64)):
         total += conv(c_in, c_out) + conv(c_out, c_out) + 2 * bn(c_out)  # block 0
         total += (n - 1) * (2 * conv(c_out, c_out) + 2 * bn(c_out))
-    return total + 64 * 10 + 10 + 3 * n * knobs_per_block
+    return total + 64 * 10 + 10 + (3 * n - 2) * knobs_per_block
 
 
 def import_torch():

@@ -283,3 +283,54 @@ def test_bad_inputs_name_the_argument():
         augment.apply_batch(augment.random_flip(), jax.random.key(0), {"label": jnp.zeros(3)})
     with pytest.raises(ValueError, match=r"batch\['image'\] must be \[batch"):
         augment.apply_batch(augment.random_flip(), jax.random.key(0), {"image": jnp.zeros((4, 4, 3))})
+
+
+# ------------------------------------------------------------------ YOLO v1's HSV colour jitter
+
+
+def test_exposure_and_saturation_scale_v_and_s_of_a_known_pixel():
+    """RGB (0.6, 0.4, 0.2): hue 30 degrees, S = 2/3, V = 0.6. Exposure 1.5 and saturation 1.2
+    give V = 0.9, S = 0.8: max 0.9, min V (1 - S) = 0.18, and at hue 30 degrees green lies halfway,
+    0.18 + 0.5 (0.9 - 0.18) = 0.54."""
+    pixel = jnp.array([[[0.6, 0.4, 0.2]]], jnp.float32)
+    out = augment.scale_exposure_saturation(pixel, 1.5, 1.2)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], [0.9, 0.54, 0.18], atol=1e-6)
+    # S and V clip at 1: saturation 2 makes S = 4/3 -> 1 (min channel 0), exposure 2 makes V = 1.2 -> 1
+    out = augment.scale_exposure_saturation(pixel, 2.0, 2.0)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], [1.0, 0.5, 0.0], atol=1e-6)
+    # uint8 in, uint8 out (rounded); a gray image is its own value
+    np.testing.assert_array_equal(
+        augment.scale_exposure_saturation(jnp.array([[[153, 102, 51]]], jnp.uint8), 1.5, 1.2), [[[230, 138, 46]]])
+    np.testing.assert_allclose(augment.scale_exposure_saturation(jnp.full((2, 2, 1), 0.4), 1.5, 3.0), 0.6, atol=1e-6)
+
+
+def test_random_exposure_saturation_draws_darknet_factors_in_the_stated_range(rng):
+    """Each factor is U[1, 1.5] or its inverse: V and S of a mid-range pixel change by a factor in
+    [1/1.5, 1.5], both directions occur, and hue stays."""
+    op = augment.random_exposure_saturation(1.5, 1.5)
+    pixel = jnp.array([[[0.4, 0.3, 0.2]]], jnp.float32)  # S = 0.5, V = 0.4: nothing clips
+    outs = jax.vmap(lambda k: op(k, pixel, {})[0])(jax.random.split(jax.random.key(3), 2000))
+    hsv = np.array([colorsys.rgb_to_hsv(*rgb) for rgb in np.asarray(outs).reshape(-1, 3)])
+    for channel, base in ((1, 0.5), (2, 0.4)):
+        factor = hsv[:, channel] / base
+        assert factor.min() >= 1 / 1.5 - 1e-5 and factor.max() <= 1.5 + 1e-5
+        assert 0.4 < np.mean(factor > 1) < 0.6  # s or 1/s with probability 1/2
+        assert factor.max() > 1.45 and factor.min() < 1 / 1.45
+    np.testing.assert_allclose(hsv[:, 0], colorsys.rgb_to_hsv(0.4, 0.3, 0.2)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="max_exposure=0.5"):
+        augment.random_exposure_saturation(0.5, 1.5)
+
+
+def test_yolo_augmentation_includes_the_papers_colour_jitter():
+    from cnn.tasks.detection.augmentation import make_augmentation
+
+    image = jnp.full((16, 16, 3), 0.3, jnp.float32).at[..., 0].set(0.5)  # a flat colour: geometry moves nothing inside
+    boxes = {"boxes": jnp.array([[4.0, 4.0, 12.0, 12.0]])}
+    colour_only = make_augmentation((16, 16), scale=0.0, shift=0.0, flip=False)
+    assert colour_only is not None
+    out, targets = colour_only(jax.random.key(0), image, boxes)
+    np.testing.assert_array_equal(targets["boxes"], boxes["boxes"])
+    hsv_in = colorsys.rgb_to_hsv(0.5, 0.3, 0.3)
+    hsv_out = colorsys.rgb_to_hsv(*np.asarray(out)[8, 8])
+    assert hsv_out[1] != pytest.approx(hsv_in[1]) and hsv_out[2] != pytest.approx(hsv_in[2])
+    assert make_augmentation((16, 16), scale=0.0, shift=0.0, flip=False, exposure=1.0, saturation=1.0) is None

@@ -70,11 +70,15 @@ def test_option_b_adds_exactly_the_two_projections():
 
 def test_schemes_change_the_count_only_by_their_knobs():
     base = param_count(depth=56)
-    assert param_count(depth=56, scheme="lm") == base + 27  # one k per block, 3 x 9 blocks
-    assert param_count(depth=56, scheme="two_step") == base + 2 * 27
+    # one k per block that reads it: stage 1's 9 blocks; stages 2 and 3 start with a transition
+    # whose Euler step (history restarted) reads none, so 8 each
+    assert param_count(depth=56, scheme="lm") == base + 9 + 8 + 8
+    assert param_count(depth=56, scheme="two_step") == base + 2 * 25
     for scheme in ("rk2", "heun", "rk4", "ab2", "leapfrog", "backward_euler"):
         assert param_count(depth=56, scheme=scheme) == base, scheme
-    assert param_count("lm_resnet56") == closed_form_count(56, shortcut="B", preactivation=True, extra_per_block=1)
+    assert param_count("lm_resnet56") == closed_form_count(56, shortcut="B", preactivation=True, extra_per_block=1) - 2
+    # "project" keeps the transition's k (its step reads the projected history)
+    assert param_count(depth=56, scheme="lm", history_at_entry="project") == base + 27
 
 
 def test_tied_weights_keep_one_block_per_stage_after_the_entry():

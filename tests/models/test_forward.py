@@ -79,6 +79,30 @@ def test_lecun_convnet_sparse_connection_table(rng):
     assert logits.shape == (2, 101)
 
 
+def test_lecun_connection_table_is_balanced_and_conv2_reads_exactly_it(rng):
+    """connections="table": output map j reads the 16 input maps table[j] (distinct), every input
+    map feeds 64 output maps; conv2 equals a dense conv whose kernel is zero outside the table."""
+    from cnn.models.lecun import lecun_connection_table
+
+    table = lecun_connection_table()
+    assert table.shape == (256, 16)
+    assert all(len(set(row)) == 16 for row in table.tolist())
+    assert np.bincount(table.ravel(), minlength=64).tolist() == [64] * 64
+    model = models.create("lecun_convnet", connections="table")
+    variables = random_variables(model, (1, 83, 83, 1))
+    x = jnp.asarray(rng.standard_normal((2, 83, 83, 1)), jnp.float32)
+    _, maps = captured_numpy(model, variables, x, train=False)
+    grouped = np.asarray(variables["params"]["conv2"]["kernel"])  # [9, 9, 16, 256]
+    dense = np.zeros((9, 9, 64, 256), np.float32)
+    for j in range(256):
+        for slot, i in enumerate(table[j]):
+            dense[:, :, i, j] = grouped[:, :, slot, j]
+    expected = np_conv(maps[("pool1",)], dense, np.asarray(variables["params"]["conv2"]["bias"]))
+    np.testing.assert_allclose(maps[("conv2",)], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fan_in=5"):
+        lecun_connection_table(64, 256, 5)
+
+
 @pytest.fixture(scope="module")
 def resnet18_small():
     """ResNet-18 (10 classes) with random variables, a batch at 32x32, and its compiled

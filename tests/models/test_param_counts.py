@@ -59,6 +59,19 @@ def test_lecun_convnet_weights_only_and_full_connections():
     assert models.count_params(full["params"]) == 5_184 + 1_327_104 + 25_856
 
 
+def test_lecun_convnet_original_connection_table_count_by_hand():
+    """LeCun's table: each of the 256 conv2 maps reads 16 of the 64 pool1 maps (4,096 9x9 kernels)."""
+    params = variable_shapes(models.create("lecun_convnet", connections="table"), (1, 83, 83, 1))["params"]
+    assert params["conv2"]["kernel"].shape == (9, 9, 16, 256)
+    conv2 = 256 * 16 * 9 * 9  # = 4,096 kernels of 81 weights
+    assert conv2 == 331_776
+    assert models.count_params(params) == 64 * 81 + 64 + conv2 + 256 + 256 * 101 + 101 == 363_237
+    weights_only = variable_shapes(models.create("lecun_convnet", connections="table", use_bias=False), (1, 83, 83, 1))
+    assert models.count_params(weights_only["params"]) == 5_184 + 331_776 + 25_856 == 362_816
+    # a quarter of the fully connected conv2 (64 input maps per output map), 16x the one-map table
+    assert 4 * conv2 == 256 * 64 * 81 and conv2 == 16 * 20_736
+
+
 def test_lenet5_per_layer():
     params = variable_shapes(models.create("lenet5"), (1, 32, 32, 1))["params"]
     per_layer = {name: models.count_params(layer) for name, layer in params.items()}

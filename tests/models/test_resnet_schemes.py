@@ -25,6 +25,14 @@ PAPER_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: 
 # Whether block 0 of each stage changes shape: always from stage 2 on; in stage 1 only for
 # bottlenecks (64 -> 256 maps).
 RESNET18_ENTRIES = (False, True, True, True)
+
+
+def lm_knob_count(depth):
+    """One k per block whose step can read it: a stage's entry (shape-changing) block takes an
+    Euler step with the history restarted and has none (ResNet-18/34: stages 2-4; bottleneck
+    ResNets: all four stages)."""
+    entries = 3 if depth in (18, 34) else 4
+    return sum(PAPER_STAGE_SIZES[depth]) - entries
 RESNET50_ENTRIES = (True, True, True, True)
 
 SMALL = (2, 32, 32, 3)  # ResNet-18 at 32x32: stage maps 8, 4, 2, 1
@@ -38,15 +46,16 @@ def param_count(name, **options):
 
 
 @pytest.mark.parametrize("depth", [18, 50, 152])
-def test_euler_has_torchvision_counts_and_lm_one_scalar_per_block(depth):
+def test_euler_has_torchvision_counts_and_lm_one_scalar_per_non_entry_block(depth):
     name = f"resnet{depth}"  # (scheme=None has these counts too: tests/models/test_param_counts.py)
     assert param_count(name, scheme="euler") == TORCHVISION_COUNTS[depth]
-    assert param_count(name, scheme="lm") == TORCHVISION_COUNTS[depth] + sum(PAPER_STAGE_SIZES[depth])
+    assert param_count(name, scheme="lm") == TORCHVISION_COUNTS[depth] + lm_knob_count(depth)
+    assert lm_knob_count(18) == 8 - 3 and lm_knob_count(50) == 16 - 4
 
 
 def test_resnet50_counts_for_every_scheme():
     base = TORCHVISION_COUNTS[50]
-    assert param_count("resnet50", scheme="two_step") == base + 2 * 16  # knobs a1 and b1
+    assert param_count("resnet50", scheme="two_step") == base + 2 * 12  # knobs a1 and b1, 16 - 4 entry blocks
     for scheme in ("rk2", "rk4", "ab2"):  # Runge-Kutta stages reuse the block's weights
         assert param_count("resnet50", scheme=scheme) == base, scheme
 
@@ -57,7 +66,7 @@ def test_tied_resnet50_keeps_entry_and_one_block_per_stage():
     # every ResNet-50 stage has an entry block; the other n - 1 blocks become one tied block
     saved = sum((n - 2) * block[f] for n, f in zip(PAPER_STAGE_SIZES[50], block))
     assert param_count("resnet50", scheme="euler", tied=True) == TORCHVISION_COUNTS[50] - saved
-    assert param_count("resnet50", scheme="lm", tied=True) == TORCHVISION_COUNTS[50] - saved + 16
+    assert param_count("resnet50", scheme="lm", tied=True) == TORCHVISION_COUNTS[50] - saved + 12
 
 
 def test_parameter_tree_layout():
@@ -66,12 +75,12 @@ def test_parameter_tree_layout():
         stage = lm50[f"layer{s}"]
         assert sorted(stage) == ["blocks", "entry", "knobs"]
         assert sorted(stage["entry"]) == ["block", "shortcut"]
-        assert stage["knobs"]["k"].shape == (n,)
+        assert stage["knobs"]["k"].shape == (n - 1,)  # none for the entry block
         assert stage["blocks"]["block"]["conv3"]["kernel"].shape[0] == n - 1  # stacked under scan
     assert lm50["layer1"]["entry"]["shortcut"]["conv"]["kernel"].shape == (1, 1, 64, 256)
     euler18 = variable_shapes(models.create("resnet18", scheme="euler", scan=False), (1, 64, 64, 3))["params"]
     assert models.count_params(euler18) == TORCHVISION_COUNTS[18]
-    assert param_count("resnet18", scheme="lm", scan=False) == TORCHVISION_COUNTS[18] + 8
+    assert param_count("resnet18", scheme="lm", scan=False) == TORCHVISION_COUNTS[18] + 5
     assert sorted(euler18["layer1"]) == ["blocks_0", "blocks_1"]  # 64 -> 64: no entry block
     assert sorted(euler18["layer2"]) == ["blocks_0", "entry"]
     assert "knobs" not in euler18["layer2"]
@@ -206,7 +215,8 @@ def lm18():
 def test_lm_resnet18_stages_follow_the_update_rule(lm18):
     """Stage 1 (no transition, the network's start): x1 = relu(x0 + F0(x0)), x2 = relu((1-k1) x1 +
     k1 x0 + F1(x1)). Stage 2 (transition, history restarts): y1 = relu(S(x2) + G0(x2)), y2 =
-    relu((1-k1') y1 + k1' S(x2) + G1(y1)). k0 is not used by a start step."""
+    relu((1-k1') y1 + k1' S(x2) + G1(y1)). k0 is not used by a start step: stage 1 keeps it (a
+    stage without a transition may be given a history), stage 2 has none (its k1' is k[0])."""
     _, variables, x, run = lm18
     _, inter = run(variables, x)
     params, stats = variables["params"], variables["batch_stats"]
@@ -229,10 +239,11 @@ def test_lm_resnet18_stages_follow_the_update_rule(lm18):
     np.testing.assert_allclose(stage1, x2, rtol=1e-5, atol=1e-5)
 
     k = np.asarray(params["layer2"]["knobs"]["k"], np.float64)
+    assert k.shape == (1,)  # block 0 (the transition's Euler step) has no k
     shortcut = apply(Projection(features=128, strides=2), ("layer2", "entry", "shortcut"), stage1)
     y1 = relu(shortcut + apply(BasicResidual(features=128, strides=2), ("layer2", "entry", "block"), stage1))
     g1 = apply(BasicResidual(features=128), ("layer2", "blocks_0", "block"), y1)
-    y2 = relu((1 - k[1]) * y1 + k[1] * shortcut + g1)
+    y2 = relu((1 - k[0]) * y1 + k[0] * shortcut + g1)
     np.testing.assert_allclose(np.asarray(inter["layer2"]["__call__"][0][0]), y2, rtol=1e-5, atol=1e-5)
     # and the pure Euler update would differ: the k terms matter
     euler = relu(y1 + g1)
@@ -332,7 +343,7 @@ def test_resnet50_conversion_places_each_torchvision_tensor():
                                   oihw_to_hwio(state["layer3.5.conv2.weight"]))
     np.testing.assert_array_equal(stats["layer4"]["blocks"]["block"]["bn3"]["var"][1],
                                   state["layer4.2.bn3.running_var"])
-    assert params["layer3"]["knobs"]["k"].shape == (6,)
+    assert params["layer3"]["knobs"]["k"].shape == (5,)  # 6 blocks, the entry block has no k
     # without the knobs it is the Euler layout, which exports back to the same state dict
     euler = dict(scanned, params={key: ({n: v for n, v in tree.items() if n != "knobs"} if key.startswith("layer")
                                         else tree) for key, tree in params.items()})

@@ -105,11 +105,14 @@ def test_full_size_parameter_counts():
     assert trunk == 14_714_688  # VGG16's convolutions (138,357,544 minus the three Dense layers)
     fc = conv_params(7, 512, 4096) + conv_params(1, 4096, 4096)
     c = 21
+    # learned: score layers and the two 2x upsamplings; the final 8x / 32x upsampling is fixed bilinear
     fcn8s = (trunk + fc + conv_params(1, 4096, c) + conv_params(1, 512, c) + conv_params(1, 256, c)
-             + 2 * conv_params(4, c, c, bias=False) + conv_params(16, c, c, bias=False))
-    fcn32s = trunk + fc + conv_params(1, 4096, c) + conv_params(64, c, c, bias=False)
-    assert param_count(models.create("fcn8s"), (1, 64, 64, 3)) == fcn8s == 134_489_759
+             + 2 * conv_params(4, c, c, bias=False))
+    fcn32s = trunk + fc + conv_params(1, 4096, c)
+    assert param_count(models.create("fcn8s"), (1, 64, 64, 3)) == fcn8s == 134_376_863
     assert param_count(models.create("fcn32s"), (1, 64, 64, 3)) == fcn32s
+    assert param_count(models.create("fcn8s", learnable_final_upsampling=True), (1, 64, 64, 3)) == (
+        fcn8s + conv_params(16, c, c, bias=False))
     assert round(fcn8s / 1e6) == 134  # Long et al. 2015, Table 1: FCN-VGG16 has 134M parameters
 
     frontend = trunk + fc + conv_params(1, 4096, c)
@@ -140,6 +143,28 @@ def test_full_size_parameter_counts():
 
 # ------------------------------------------------------------------------------------------------
 # FCN geometry.
+
+
+@pytest.mark.parametrize("stride, learned, fixed", [
+    (32, [], "upscore"), (16, ["upscore2"], "upscore16"), (8, ["upscore2", "upscore_pool4"], "upscore8")])
+def test_fcn_final_upsampling_is_fixed_bilinear_and_only_the_2x_upsamplings_learn(stride, learned, fixed):
+    """Long et al. 2015, section 4.1 and the reference voc-fcn*s nets (lr_mult 0 on the last
+    Deconvolution): the final upsampling is bilinear interpolation and is not trained."""
+    model = models.create(f"fcn{stride}s", num_classes=3, **FCN_SMALL)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    upsampling = sorted(name for name in variables["params"] if name.startswith("upscore"))
+    assert upsampling == learned and fixed not in variables["params"]
+    # the fixed layer is the bilinear kernel the learnable one starts from: same scores at init
+    learnable = models.create(f"fcn{stride}s", num_classes=3, learnable_final_upsampling=True, **FCN_SMALL)
+    params = dict(variables["params"])
+    params[fixed] = {"kernel": jnp.asarray(fcn.bilinear_kernel(fcn.upsampling_kernel_size(stride), 3))}
+    # nonzero scores (the paper zero-initializes score_fr)
+    params["score_fr"] = {"kernel": jnp.ones_like(params["score_fr"]["kernel"]), "bias": params["score_fr"]["bias"]}
+    out_fixed = model.apply({**variables, "params": params}, x, train=False)
+    out_learnable = learnable.apply({**variables, "params": params}, x, train=False)
+    assert float(jnp.abs(out_fixed).max()) > 0
+    np.testing.assert_allclose(np.asarray(out_fixed), np.asarray(out_learnable), rtol=1e-5, atol=1e-6)
 
 
 def test_fcn_crop_offsets_are_those_of_the_reference_caffe_models():

@@ -11,7 +11,7 @@ import pytest
 
 from cnn.ode import ODEStage, analysis, get_scheme, linear_drop_path_rates, stack_unrolled, unstack_scanned
 from cnn.ode.schemes import History
-from cnn.ode.stage import SchemeKnobs, knob_values
+from cnn.ode.stage import SchemeKnobs, fit_knob_layout, knob_values
 
 
 class Mix(nn.Module):
@@ -76,7 +76,8 @@ def test_lm_stage_with_transition_matches_a_numpy_loop(x64, rng, scan):
     variables = stage.init(jax.random.PRNGKey(0), jnp.asarray(x0), train=False)
     params = variables["params"]
     k = np.asarray(params["knobs"]["k"], np.float64)
-    assert k.shape == (3,) and np.all((-0.1 <= k) & (k <= 0.0))  # U[-0.1, 0]
+    # block 0 (the transition, restart) takes an Euler step: only blocks 1 and 2 have a k
+    assert k.shape == (2,) and np.all((-0.1 <= k) & (k <= 0.0))  # U[-0.1, 0]
     y, history = stage.apply(variables, jnp.asarray(x0), train=False)
 
     # by hand: transition (restart: Euler step with the shortcut), then LM steps
@@ -84,9 +85,9 @@ def test_lm_stage_with_transition_matches_a_numpy_loop(x64, rng, scan):
     s0 = np_pad(x0, 4)
     x1 = s0 + f0(x0)
     f1 = np_mix(block_params(params, 0, scan))
-    x2 = (1 - k[1]) * x1 + k[1] * s0 + f1(x1)
+    x2 = (1 - k[0]) * x1 + k[0] * s0 + f1(x1)
     f2 = np_mix(block_params(params, 1, scan))
-    x3 = (1 - k[2]) * x2 + k[2] * x1 + f2(x2)
+    x3 = (1 - k[1]) * x2 + k[1] * x1 + f2(x2)
     np.testing.assert_allclose(np.asarray(y), x3, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(history.states[0]), x2, rtol=1e-12, atol=1e-12)
 
@@ -153,6 +154,98 @@ def test_project_mode_carries_the_history_through_the_shortcut(x64, rng):
     x3 = (1 - kb[0]) * np_pad(x2, 4) + kb[0] * np_pad(x1, 4) + np_mix(p["b"]["entry"]["block"], 2)(x2)
     x4 = (1 - kb[1]) * x3 + kb[1] * np_pad(x2, 4) + np_mix(block_params(p["b"], 0, True))(x3)
     np.testing.assert_allclose(np.asarray(y), x4, rtol=1e-12, atol=1e-12)
+
+
+def _two_stages(scheme, mode="project"):
+    """Stage a (2 Mix blocks, no transition) then stage b whose block 0 changes shape, with a
+    projection shortcut conv1x1/2 + BatchNorm (momentum 0.9) and `history_at_entry=mode`."""
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x, history = ODEStage(get_scheme(scheme), functools.partial(Mix, features=2), 2, name="a")(x, train=train)
+            return ODEStage(
+                get_scheme(scheme), functools.partial(Mix, features=4), 2,
+                entry_block=functools.partial(Mix, features=4, strides=2),
+                entry_shortcut=functools.partial(Projection, features=4), history_at_entry=mode, name="b",
+            )(x, history, train=train)
+
+    return Two()
+
+
+def _projection_numpy(variables, eps=1e-5):
+    """(conv: x -> x[:, ::2, ::2] W, gamma, beta, running mean, running var) of stage b's shortcut."""
+    p = variables["params"]["b"]["entry"]["shortcut"]
+    stats = variables["batch_stats"]["b"]["entry"]["shortcut"]["BatchNorm_0"]
+    w = np.asarray(p["Conv_0"]["kernel"], np.float64)[0, 0]
+    gamma, beta = (np.asarray(p["BatchNorm_0"][k], np.float64) for k in ("scale", "bias"))
+    mean, var = (np.asarray(stats[k], np.float64) for k in ("mean", "var"))
+    return (lambda x: x[:, ::2, ::2, :] @ w), gamma, beta, mean, var
+
+
+def _with_batchnorm_values(variables, rng):
+    """Non-trivial BatchNorm scale, bias and running statistics in stage b's shortcut."""
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    p = variables["params"]["b"]["entry"]["shortcut"]["BatchNorm_0"]
+    stats = variables["batch_stats"]["b"]["entry"]["shortcut"]["BatchNorm_0"]
+    p["scale"], p["bias"] = rng.uniform(0.5, 2.0, 4), rng.normal(size=4)
+    stats["mean"], stats["var"] = rng.normal(size=4), rng.uniform(0.5, 2.0, 4)
+    return variables
+
+
+def test_project_mode_moves_past_derivatives_through_the_linear_part_of_the_shortcut(x64, rng):
+    """AB2 at a transition in eval mode: y1 = S(x2) + 3/2 G0(x2) - 1/2 L(F1(x1)) with S = BN(conv)
+    and its linear part L(d) = conv(d) gamma / sqrt(var + eps): no running mean, no bias."""
+    model = _two_stages("ab2")
+    x0 = rng.normal(size=(3, 4, 4, 2))
+    variables = _with_batchnorm_values(model.init(jax.random.PRNGKey(2), jnp.asarray(x0), False), rng)
+    y, _ = model.apply(variables, jnp.asarray(x0), False)
+    p = variables["params"]
+    conv, gamma, beta, mean, var = _projection_numpy(variables)
+    inv = gamma / np.sqrt(var + 1e-5)
+    f0, f1 = np_mix(block_params(p["a"], 0, True)), np_mix(block_params(p["a"], 1, True))
+    x1 = x0 + f0(x0)  # Euler start
+    d1 = f1(x1)
+    x2 = x1 + 1.5 * d1 - 0.5 * f0(x0)
+    g0 = np_mix(p["b"]["entry"]["block"], 2)
+    y1 = (conv(x2) - mean) * inv + beta + 1.5 * g0(x2) - 0.5 * conv(d1) * inv
+    y2 = y1 + 1.5 * np_mix(block_params(p["b"], 0, True))(y1) - 0.5 * g0(x2)
+    np.testing.assert_allclose(np.asarray(y), y2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["ab2", "lm"])
+def test_project_mode_updates_the_shortcut_statistics_once(x64, rng, scheme):
+    """In training only S(x_t) updates the shortcut's BatchNorm running averages (momentum 0.9,
+    statistics of conv(x_t)); the projected past (a derivative for AB2, a state for LM) does not."""
+    model = _two_stages(scheme)
+    x0 = jnp.asarray(rng.normal(size=(3, 4, 4, 2)))
+    variables = _with_batchnorm_values(model.init(jax.random.PRNGKey(3), x0, False), rng)
+    (y, _), updates = model.apply(variables, x0, True, mutable=["batch_stats"])
+    # stage a by hand: x_t entering stage b and the past state x_{t-1}
+    p = variables["params"]
+    f0, f1 = np_mix(block_params(p["a"], 0, True)), np_mix(block_params(p["a"], 1, True))
+    x_prev = np.asarray(x0) + f0(np.asarray(x0))  # Euler start
+    if scheme == "ab2":
+        x_t = x_prev + 1.5 * f1(x_prev) - 0.5 * f0(np.asarray(x0))
+    else:
+        ka = np.asarray(p["a"]["knobs"]["k"], np.float64)  # no transition: block 0 keeps its (unused) k
+        x_t = (1 - ka[1]) * x_prev + ka[1] * np.asarray(x0) + f1(x_prev)
+    conv, _, _, mean, var = _projection_numpy(variables)
+    c = conv(x_t)
+    new = updates["batch_stats"]["b"]["entry"]["shortcut"]["BatchNorm_0"]
+    np.testing.assert_allclose(np.asarray(new["mean"]), 0.9 * mean + 0.1 * c.mean(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(new["var"]), 0.9 * var + 0.1 * c.var(axis=(0, 1, 2)), rtol=1e-10)
+    if scheme == "lm":  # the past state x_{t-1} through S with its own batch statistics
+        _, gamma, beta, _, _ = _projection_numpy(variables)
+        cp = conv(x_prev)
+        s_prev = (cp - cp.mean(axis=(0, 1, 2))) / np.sqrt(cp.var(axis=(0, 1, 2)) + 1e-5) * gamma + beta
+        s_now = (c - c.mean(axis=(0, 1, 2))) / np.sqrt(c.var(axis=(0, 1, 2)) + 1e-5) * gamma + beta
+        k = np.asarray(p["b"]["knobs"]["k"], np.float64)
+        assert k.shape == (2,)  # project mode: block 0 uses its k
+        g0 = np_mix(p["b"]["entry"]["block"], 2)
+        y1 = (1 - k[0]) * s_now + k[0] * s_prev + g0(x_t)
+        y2 = (1 - k[1]) * y1 + k[1] * s_now + np_mix(block_params(p["b"], 0, True))(y1)
+        np.testing.assert_allclose(np.asarray(y), y2, rtol=1e-9, atol=1e-9)
 
 
 def test_step_activation_is_applied_after_each_step(x64, rng):
@@ -312,9 +405,9 @@ def test_scan_and_unrolled_give_identical_outputs_gradients_and_statistics(rng, 
         e_u = unrolled.apply(v_unrolled, x, train=False)[0]
         e_s = scanned.apply(v_scanned, x, train=False)[0]
         close(e_s, e_u)
-    if scheme == "lm":  # the knobs receive gradient except block 0 (transition = Euler step)
+    if scheme == "lm":  # blocks 1, 2 have knobs and they receive gradient (block 0: Euler step, none)
         gk = np.asarray(g_u["knobs"]["k"])
-        assert gk[0] == 0.0 and np.all(gk[1:] != 0.0)
+        assert gk.shape == (2,) and np.all(gk != 0.0)
 
 
 def test_layout_conversion_round_trips():
@@ -328,7 +421,7 @@ def test_layout_conversion_round_trips():
 # ------------------------------------------------------------------------- knobs and params
 
 
-def test_lm_adds_exactly_one_scalar_per_block_and_rk_adds_none():
+def test_lm_adds_one_scalar_per_block_after_the_transition_and_rk_adds_none():
     x = jnp.zeros((1, 8, 8, 2))
 
     def count(scheme, tied=False):
@@ -337,13 +430,36 @@ def test_lm_adds_exactly_one_scalar_per_block_and_rk_adds_none():
         return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes["params"]))
 
     base = count("euler")
-    assert count("lm") == base + 3
-    assert count("two_step") == base + 2 * 3
+    # 3 blocks; block 0 is a transition whose Euler step ("restart") reads no knob
+    assert count("lm") == base + 2
+    assert count("two_step") == base + 2 * 2
     for name in ("rk2", "heun", "rk4", "ab2", "leapfrog", "backward_euler", "lm_fixed"):
         assert count(name) == base, name
     # tied: entry block + one shared block instead of entry + 2
     conv_bn = 2 * (9 * 4 * 4) + 2 * 2 * 4
     assert base - count("euler", tied=True) == conv_bn
+
+
+def test_knobs_without_the_first_block_start_where_they_started():
+    """`skip_first`: no parameter for block 0, the others initialized as when every block had one."""
+    scheme = get_scheme("lm")
+    full = SchemeKnobs(scheme, 5).init(jax.random.PRNGKey(4))["params"]["k"]
+    skipping = SchemeKnobs(scheme, 5, skip_first=True)
+    params = skipping.init(jax.random.PRNGKey(4))["params"]
+    np.testing.assert_array_equal(params["k"], full[1:])
+    values = skipping.apply({"params": params})["k"]
+    np.testing.assert_array_equal(values, np.concatenate([[0.0], full[1:]]))  # a placeholder for block 0
+
+
+def test_takes_history_false_drops_block_0s_knob_and_refuses_a_history():
+    stage = ODEStage("lm", functools.partial(Mix, features=2), 3, takes_history=False)
+    x = jnp.zeros((1, 2, 2, 2))
+    variables = stage.init(jax.random.PRNGKey(0), x, train=False)
+    assert variables["params"]["knobs"]["k"].shape == (2,)
+    assert ODEStage("lm", functools.partial(Mix, features=2), 3).init(
+        jax.random.PRNGKey(0), x, train=False)["params"]["knobs"]["k"].shape == (3,)
+    with pytest.raises(ValueError, match="takes_history=False"):
+        stage.apply(variables, x, History((x,), ()), train=False)
 
 
 def test_knob_init_range_and_constraint():
@@ -377,6 +493,34 @@ def test_learned_knobs_are_read_per_block_and_plotted(tmp_path):
     path = analysis.plot_learned_knobs({"params": params}, tmp_path / "k.png", scheme)
     with open(path, "rb") as fh:
         assert fh.read(4) == b"\x89PNG"
+
+
+def test_old_parameter_trees_with_a_knob_for_every_block_fit_the_new_layout():
+    """Checkpoints written when every block had a k: the transition stages' block-0 values (unused)
+    are dropped, stages that lost all knobs lose the subtree; optimizer-state copies follow."""
+    import cnn.models as models
+
+    x = jnp.zeros((1, 8, 8, 3))
+    for depth, kept in ((14, {"stage1": 2, "stage2": 1, "stage3": 1}), (8, {"stage1": 1})):
+        model = models.create("cifar_resnet", depth=depth, width=2, scheme="lm")
+        params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), x, train=False)["params"])
+        n = (depth - 2) // 6
+        old = jax.tree_util.tree_map(lambda a: a, params)
+        for stage in ("stage2", "stage3"):  # the old layout: n values, index 0 unused
+            new_k = params[stage]["knobs"]["k"] if "knobs" in params[stage] else np.zeros((0,), np.float32)
+            old[stage] = dict(old[stage], knobs={"k": np.concatenate([[0.123], new_k]).astype(np.float32)})
+        assert {s: len(old[s]["knobs"]["k"]) for s in ("stage1", "stage2", "stage3")} == dict.fromkeys(
+            ("stage1", "stage2", "stage3"), n)
+        assert {s: params[s]["knobs"]["k"].shape[0] for s in kept} == kept
+        state = {"params": old, "opt_state": ({"trace": old}, ())}
+        fitted = fit_knob_layout(state, {"params": params, "opt_state": ({"trace": params}, ())})
+        for tree in (fitted["params"], fitted["opt_state"][0]["trace"]):
+            assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(params)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, tree, params)
+    with pytest.raises(ValueError, match="fits neither"):
+        fit_knob_layout({"knobs": {"k": np.zeros(5)}}, {"knobs": {"k": np.zeros(2)}})
+    with pytest.raises(ValueError, match="does not have"):
+        fit_knob_layout({"a": 1, "b": 2}, {"a": 1})
 
 
 # --------------------------------------------------------------------------- stochastic depth

@@ -18,8 +18,8 @@ from cnn.train.state import TrainState, to_host
 
 # The tiny experiment's setting (shared shapes keep the compiled steps in jax's caches).
 SIZE = 32
-CONTENT_LAYER = "conv3_1"
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1")
+CONTENT_LAYER = "relu3_1"
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,86 @@ def test_gram_matrix_is_ft_f_over_positions(rng):
     np.testing.assert_allclose(np.asarray(st.gram_matrix(jnp.asarray(features))), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features must be"):
         st.gram_matrix(jnp.zeros((5, 6, 3)))
+
+
+def test_default_layers_are_the_papers_rectified_maps(extractor, images):
+    """Gatys et al.'s conv4_2 / conv1_1..conv5_1 are Caffe blobs after the in-place ReLU."""
+    assert st.CONTENT_LAYER == "relu4_2"
+    assert st.STYLE_LAYERS == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    x = jnp.asarray(images[0])[None]
+    maps = extractor(x, ("conv2_1", "relu2_1", "conv3_1", "relu3_1"))
+    for block in (2, 3):
+        np.testing.assert_array_equal(np.asarray(maps[f"relu{block}_1"]), np.maximum(np.asarray(maps[f"conv{block}_1"]), 0))
+        assert float(jnp.min(maps[f"conv{block}_1"])) < 0  # the pre-activation map is not what is matched
+    objective = st.StyleObjective.create(extractor, *images, style_layers=("relu1_1",))
+    assert objective.content_layer == "relu4_2"
+
+
+def test_gram_loss_of_a_hand_made_feature_map():
+    """F (2x2 positions, 2 channels): channel 0 = (1, 0, 1, 2), channel 1 = (0, 1, 1, 0) over the
+    positions. Unnormalized Gram F^T F = [[6, 1], [1, 2]]; the code's G = F^T F / M, M = 4; against
+    A = 0 the code's style loss is mean((G - A)^2) = (1.5^2 + 2 * 0.25^2 + 0.5^2) / 4 = 0.65625,
+    which is 4 E with Gatys' E = sum((F^T F)^2) / (4 N^2 M^2) = 42 / 256."""
+    features = np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]], np.float32)[None]
+    gram = st.gram_matrix(jnp.asarray(features))
+    np.testing.assert_allclose(np.asarray(gram)[0], [[1.5, 0.25], [0.25, 0.5]])
+    loss = float(st.style_loss({"l": gram}, {"l": jnp.zeros((1, 2, 2))}, {"l": 1.0}))
+    assert loss == pytest.approx(0.65625)
+    paper_e = 42 / (4 * 2**2 * 4**2)
+    assert loss == pytest.approx(4 * paper_e)
+
+
+def test_content_style_ratio_is_the_papers_alpha_over_beta(extractor, images):
+    """With content_style_ratio r the total loss is (2 / (N_c M_c r)) (r L_content + L_style) in
+    the paper's own sums: L_content = 1/2 sum (F - P)^2, L_style = sum_l w_l sum (G - A)^2 /
+    (4 N_l^2 M_l^2) with unnormalized Grams (the style image's scaled to the image's M_l: the
+    images differ in size here)."""
+    content, style = images
+    ratio = 1e-3
+    objective = st.StyleObjective.create(extractor, content, style, content_layer=CONTENT_LAYER,
+                                         style_layers=STYLE_LAYERS, content_style_ratio=ratio)
+    image = st.initial_image(content, style, "noise", seed=3)
+    maps = {k: np.asarray(v, np.float64)[0] for k, v in extractor(jnp.asarray(image)[None], (CONTENT_LAYER, *STYLE_LAYERS)).items()}
+    content_maps = np.asarray(extractor(jnp.asarray(content)[None], (CONTENT_LAYER,))[CONTENT_LAYER], np.float64)[0]
+    style_maps = {k: np.asarray(v, np.float64)[0] for k, v in extractor(jnp.asarray(style)[None], STYLE_LAYERS).items()}
+    l_content = 0.5 * np.sum((maps[CONTENT_LAYER] - content_maps) ** 2)
+    l_style = 0.0
+    for name in STYLE_LAYERS:
+        f = maps[name].reshape(-1, maps[name].shape[-1])
+        a = style_maps[name].reshape(-1, style_maps[name].shape[-1])
+        n, m = f.shape[1], f.shape[0]
+        # the style image has other positions: its Gram per position, times the image's M
+        a_gram = a.T @ a * m / a.shape[0]
+        l_style += (1 / 3) * np.sum((f.T @ f - a_gram) ** 2) / (4 * n**2 * m**2)
+    entries = content_maps.size  # N_c M_c
+    expected = 2 / (entries * ratio) * (ratio * l_content + l_style)
+    assert float(objective.loss(jnp.asarray(image))) == pytest.approx(expected, rel=1e-4)
+    assert float(objective.alpha) == pytest.approx(st.alpha_for_content_style_ratio(ratio, content_maps.shape))
+    with pytest.raises(ValueError, match="give one"):
+        st.StyleObjective.create(extractor, content, style, alpha=1.0, content_style_ratio=ratio)
+
+
+def test_rescaling_gives_every_filter_mean_activation_one(extractor, images):
+    """The paper's normalization: mean rectified activation 1 per filter over the image set; every
+    map is the original divided per channel by its mean (the next layer compensates; ReLU and
+    pooling are homogeneous), so the network computes the same thing."""
+    image_set = jnp.asarray(np.stack([images[0], st.resize_image(images[1], images[0].shape[:2])]))
+    rescaled = st.rescale_to_unit_mean_activation(extractor, image_set)
+    assert "rescaled" in rescaled.source
+    layers = tuple(name for name in cnn.models.vgg.vgg_layer_names(11) if name.startswith("relu"))
+    new, old = rescaled(image_set, layers), extractor(image_set, layers)
+    for name in layers:
+        mean = np.asarray(new[name], np.float64).mean(axis=(0, 1, 2))
+        alive = np.asarray(old[name]).mean(axis=(0, 1, 2)) > 0
+        assert alive.sum() > 0
+        np.testing.assert_allclose(mean[alive], 1.0, rtol=1e-3, err_msg=name)
+        reference = np.asarray(old[name], np.float64)
+        divisor = np.where(alive, reference.mean(axis=(0, 1, 2)), 1.0)
+        scale = float(np.max(np.abs(np.asarray(new[name]))))
+        np.testing.assert_allclose(np.asarray(new[name]) / scale, reference / divisor / scale, atol=1e-3, err_msg=name)
+    first = np.asarray(old["relu1_1"], np.float64)
+    # the input extractor is untouched
+    np.testing.assert_allclose(np.asarray(extractor(image_set, ("relu1_1",))["relu1_1"]), first, rtol=1e-6)
 
 
 def test_loss_terms_against_numpy(rng):
@@ -99,8 +179,8 @@ def test_content_and_style_losses_decrease(objective, images, optimizer):
 
 def test_bad_settings_name_the_argument(extractor, images):
     content, style = images
-    with pytest.raises(ValueError, match="conv9_1"):
-        st.StyleObjective.create(extractor, content, style, content_layer="conv9_1")
+    with pytest.raises(ValueError, match="relu9_1"):
+        st.StyleObjective.create(extractor, content, style, content_layer="relu9_1")
     with pytest.raises(ValueError, match="style_layer_weights"):
         st.StyleObjective.create(extractor, content, style, style_layers=("conv1_1",), style_layer_weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="style_image"):

@@ -18,7 +18,7 @@ def test_task_checks_the_batch_and_the_augmentation_its_options():
         task.select({"image": np.zeros((1, 32, 32, 3), np.uint8)})
     with pytest.raises(ValueError, match="scale=1.5"):
         make_augmentation((32, 32), scale=1.5)
-    assert make_augmentation((32, 32), scale=0.0, shift=0.0, flip=False) is None
+    assert make_augmentation((32, 32), scale=0.0, shift=0.0, flip=False, exposure=1.0, saturation=1.0) is None
 
 
 def test_experiment_runs_end_to_end_on_a_tiny_config(tmp_path):
