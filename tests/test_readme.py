@@ -191,7 +191,7 @@ COMMANDS: list[tuple[str, Run | Parse | NotRun]] = [
      Parse("tests/tasks/test_style_transfer.py runs the tiny config (28 minutes as written)")),
     (r"python benchmarks/train_step\.py --quick", Parse("tests/benchmarks/test_quick_runs.py runs --quick")),
     (r"experiments\.compare_schemes --config=experiments/configs/demo\.py",
-     Parse("tests/experiments/test_compare_schemes.py runs a tiny grid (54 trainings, 6 minutes as written)")),
+     Parse("tests/experiments/test_compare_schemes.py runs a tiny grid (25 cells in 6 ensembles, 6.5 minutes as written)")),
     (r"experiments\.compare_schemes --config=experiments/configs/(fashion_mnist|mnist)\.py",
      Parse("needs the real data files; ~35 minutes")),
     (r"experiments\.compare_schemes --config=experiments/configs/fashion_mnist_gpu\.py", Parse("a GPU run")),
