@@ -69,7 +69,7 @@ def test_summaries_carry_their_stored_config_and_the_header_is_built_from_it(fin
     stored = json.loads((finished / "cells" / "midpoint-d8-s0" / "config.json").read_text())
     assert summaries[1]["config"] == stored and stored["num_train_steps"] == 4
     header = grid.training_header(summaries)
-    assert header == ("dataset: `digits` (train / test); budget 4 steps of batch 64; optimizer sgd lr 0.05 (cosine), "
+    assert header == ("dataset: `fashion_mnist_small` (train / test); budget 4 steps of batch 64; optimizer sgd lr 0.05 (cosine), "
                       "weight decay 0.0005; augmentation `none`; dtype float32")
     # A requested config with another budget does not change what the cells say they ran.
     assert grid.training_header(grid.finished_summaries(compare_schemes.cells(_config(num_train_steps=8)), finished)) == header
