@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=common.positive_int, default=None, help="default 128 (quick: 8)")
     parser.add_argument("--repeats", type=common.positive_int, default=None, help="turns (default 3; quick 1)")
     parser.add_argument("--steps", type=common.positive_int, default=1, help="steps per turn")
+    parser.add_argument("--image-size", type=common.positive_int, default=32, help="input side (14: make demo's)")
+    parser.add_argument("--channels", type=common.positive_int, default=3, help="input channels (1: Fashion-MNIST)")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([1, 2] if args.quick else [1, 2, 4, 8])
     depth = args.depth or (8 if args.quick else 20)
@@ -74,10 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
 
     record = common.machine_record(args.quick, "ensemble.py", argv)
-    record.update(depth=depth, batch_size=batch_size, sizes=sizes, repeats=repeats, steps_per_repeat=args.steps, rows=[])
-    batch = common.random_batch(batch_size)
+    record.update(depth=depth, batch_size=batch_size, sizes=sizes, repeats=repeats, steps_per_repeat=args.steps,
+                  image_size=args.image_size, channels=args.channels, rows=[])
+    batch = common.random_batch(batch_size, args.image_size, args.channels)
     model = common.cifar_model(depth, "euler")
-    states = [common.random_train_state(model, (1, 32, 32, 3), seed=seed) for seed in range(max(sizes))]
+    states = [common.random_train_state(model, (1, args.image_size, args.image_size, args.channels), seed=seed)
+              for seed in range(max(sizes))]
     runners = {}
     for size in sizes:
         runners[f"ensemble M={size}"] = EnsembleStepper(states[:size], batch)
@@ -113,7 +117,8 @@ def markdown(record: dict) -> str:
         for r in record["rows"]
     ]
     return (
-        f"# Ensembles vs separate runs: CIFAR ResNet-{record['depth']}, batch {record['batch_size']}\n\n"
+        f"# Ensembles vs separate runs: CIFAR ResNet-{record['depth']}, batch {record['batch_size']} of "
+        f"{record.get('image_size', 32)}x{record.get('image_size', 32)}x{record.get('channels', 3)}\n\n"
         f"{common.machine_line(record)}\n\n" + common.markdown_table(header, rows) + "\n"
     )
 
