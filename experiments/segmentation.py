@@ -15,26 +15,25 @@ prediction), learning_curves.png, and one `cnn.train.fit` run directory per mode
 metrics.jsonl, checkpoints/, results.json); rerunning resumes them.
 
 Recorded result (default config; `python -m experiments.segmentation --workdir runs/segmentation`,
-2026-11-26 02:35 UTC, quiet 2-core CPU, jax 0.10.2, 6 minutes; test split, 512 images):
+2026-12-06, 2-core CPU shared with a test run, jax 0.10.2; test split, 512 images; FCN's final
+upsampling fixed bilinear as in the paper; experiments/RESULTS.md §4 has the previous run too):
 
-    model              params   test mIoU   pixel acc.   mean acc.   f.w. IoU   ms/step
-    fcn32s            388,044      0.2212       0.8597      0.2561     0.7401        36
-    fcn16s            339,408      0.5056       0.9051      0.5742     0.8308        28
-    fcn8s             327,508      0.7262       0.9508      0.8067     0.9100        29
-    segnet            219,124      0.9214       0.9874      0.9599     0.9755        78
-    unet              487,316      0.6895       0.9644      0.7229     0.9305        66
-    dilated_frontend  322,508      0.6236       0.9260      0.7266     0.8699        30
-    dilated_context   323,564      0.6797       0.9368      0.7854     0.8873        30
+    model              params   test mIoU   pixel acc.   mean acc.   f.w. IoU
+    fcn32s            322,508      0.2148       0.8592      0.2500     0.7383
+    fcn16s            323,024      0.3055       0.8445      0.3659     0.7430
+    fcn8s             323,412      0.6009       0.9199      0.6995     0.8591
+    segnet            219,124      0.9189       0.9871      0.9581     0.9750
+    unet              487,316      0.6901       0.9644      0.7221     0.9306
+    dilated_frontend  322,508      0.5850       0.9200      0.6805     0.8600
+    dilated_context   323,564      0.6757       0.9354      0.7859     0.8853
 
-At 32x32 the stride-32 FCN sees one pool5 cell per image and predicts background everywhere; each
-skip (16s, 8s) adds resolution, as in the paper's Table 2. The context module (started from the
-trained front end, as Yu & Koltun train it) improves the stride-8 front end. SegNet and U-Net,
-which bring full-resolution information back (pooling indices, concatenated maps), do best --
-but at 1,000 steps U-Net depends on its seed: `--config.seed=1` gives 0.898 and `--config.seed=2`
-0.968, while seed 0 (above) is still improving when the cosine schedule ends (mIoU 0.36 / 0.58 /
-0.68 / 0.69 at steps 250-1000; one class not yet separated, mean accuracy 0.72). The `slow` test
-reruns U-Net for the three seeds. Single-seed rows of this table differ by more than their noise
-only where the gaps are large (the FCN ladder, SegNet vs the dilated models).
+At 32x32 the stride-32 FCN sees one pool5 cell per image and predicts background almost
+everywhere; each skip (16s, 8s) adds resolution, as in the paper's Table 2. The context module
+(started from the trained front end, as Yu & Koltun train it) improves the stride-8 front end.
+SegNet and U-Net, which bring full-resolution information back (pooling indices, concatenated
+maps), do best -- but at 1,000 steps U-Net depends on its seed (seeds 1 and 2 gave 0.898 and
+0.968 in the previous run, seed 0 is still improving when the cosine schedule ends). The `slow`
+test reruns U-Net for the three seeds.
 """
 
 from __future__ import annotations
