@@ -124,8 +124,9 @@ def stale_cells_error(
     return errors.RunConfigMismatchError("\n".join(lines), differences=differences, workdir=pathlib.Path(workdir))
 
 
-def _median_step_seconds(history: Sequence[Mapping[str, Any]], batch_size: int) -> float:
-    """Median wall time per step over the logged windows, leaving out the first (it compiles)."""
+def median_step_seconds(history: Sequence[Mapping[str, Any]], batch_size: int) -> float:
+    """Median wall time per step over the logged windows (`train/examples_per_sec` of batches of
+    `batch_size`), leaving out the first (it compiles)."""
     rates = [record["train/examples_per_sec"] for record in history if "train/examples_per_sec" in record]
     rates = rates[1:] if len(rates) > 1 else rates
     return float(batch_size / np.median(rates)) if rates else float("nan")
@@ -155,6 +156,43 @@ def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(temporary, path)
+
+
+def _timed_fit(config: ml_collections.ConfigDict, run_dir: pathlib.Path, datasets) -> tuple[Any, float, float]:
+    """`loop.fit` with `(result, seconds to the first dispatched step, seconds in all)`: the first
+    is mostly compilation (near zero when an identical model was compiled earlier in the process)."""
+    started = time.perf_counter()
+    first_step: list[float] = []
+
+    def note_first_step(step: int, state: Any) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter())
+
+    result = loop.fit(config, run_dir, datasets=datasets, callbacks=[note_first_step])
+    to_first = (first_step[0] - started) if first_step else float("nan")
+    return result, to_first, time.perf_counter() - started
+
+
+def _cell_summary(cell: Cell, config: ml_collections.ConfigDict, params: Any, final: Mapping[str, Any],
+                  train_history: Sequence[Mapping[str, Any]], eval_history: Sequence[Mapping[str, Any]],
+                  steps: int) -> dict[str, Any]:
+    """A cell's summary from one model's parameters, final evaluation and logged records (the
+    timing fields are the caller's)."""
+    train_losses = [r["train/loss"] for r in train_history if "train/loss" in r]
+    scheme_name = dict(config.model_options).get("scheme")
+    return {
+        "name": cell.name,
+        "group": cell.group,
+        "labels": dict(cell.labels),
+        "params": models.count_params(params),
+        "test_accuracy": float(final["accuracy"]),
+        "test_loss": float(final["loss"]),
+        "train_loss": float(train_losses[-1]) if train_losses else float("nan"),
+        "eval_curve": [[int(r["step"]), float(r["eval/accuracy"])] for r in eval_history],
+        "steps": int(steps),
+        "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None,
+                                dict(config.model_options).get("scheme_options")),
+    }
 
 
 def run_cell(
@@ -196,34 +234,11 @@ def run_cell(
     config = requested_cell_config(base, cell)
     if "on_mismatch" in config:
         config.on_mismatch = on_mismatch
-    started = time.perf_counter()
-    first_step: list[float] = []
-
-    def note_first_step(step: int, state: Any) -> None:
-        if not first_step:
-            first_step.append(time.perf_counter())
-
-    result = loop.fit(config, cell_dir, datasets=datasets, callbacks=[note_first_step])
-    finished = time.perf_counter()
-    params = result.state.params
-    train_losses = [r["train/loss"] for r in result.train_history if "train/loss" in r]
-    scheme_name = dict(config.model_options).get("scheme")
-    summary = {
-        "name": cell.name,
-        "group": cell.group,
-        "labels": dict(cell.labels),
-        "params": models.count_params(params),
-        "test_accuracy": float(result.final_eval["accuracy"]),
-        "test_loss": float(result.final_eval["loss"]),
-        "train_loss": float(train_losses[-1]) if train_losses else float("nan"),
-        "eval_curve": [[int(r["step"]), float(r["eval/accuracy"])] for r in result.eval_history],
-        "steps": int(result.steps),
-        "seconds_per_step": _median_step_seconds(result.train_history, int(config.batch_size)),
-        "seconds_to_first_step": (first_step[0] - started) if first_step else float("nan"),
-        "seconds_total": finished - started,
-        "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None,
-                                dict(config.model_options).get("scheme_options")),
-    }
+    result, to_first, total = _timed_fit(config, cell_dir, datasets)
+    summary = _cell_summary(cell, config, result.state.params, result.final_eval, result.train_history,
+                            result.eval_history, result.steps)
+    summary.update(seconds_per_step=median_step_seconds(result.train_history, int(config.batch_size)),
+                   seconds_to_first_step=to_first, seconds_total=total)
     _write_json(done, summary)
     return _with_config(summary, cell_dir)
 
@@ -263,49 +278,29 @@ def run_pack(
     if "on_mismatch" in config:
         config.on_mismatch = on_mismatch
     pack_dir = workdir / "packs" / f"{cells[0].group}-s{'-'.join(map(str, seeds))}"
-    started = time.perf_counter()
-    first_step: list[float] = []
-
-    def note_first_step(step: int, state: Any) -> None:
-        if not first_step:
-            first_step.append(time.perf_counter())
-
-    result = loop.fit(config, pack_dir, datasets=datasets, callbacks=[note_first_step])
-    finished = time.perf_counter()
-    members = result.final_eval["members"]
+    result, to_first, total = _timed_fit(config, pack_dir, datasets)
     # The ensemble's wall time per step (every member's window runs over the same steps).
-    step_seconds = _median_step_seconds([r for r in result.train_history if r.get("member") == 0],
-                                        int(config.batch_size))
-    scheme_name = dict(config.model_options).get("scheme")
+    step_seconds = median_step_seconds([r for r in result.train_history if r.get("member") == 0],
+                                       int(config.batch_size))
     summaries = []
     for index, cell in enumerate(cells):
         cell_dir = workdir / "cells" / cell.name
         cell_dir.mkdir(parents=True, exist_ok=True)
         single = requested_cell_config(base, cell)
         (cell_dir / "config.json").write_text(single.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-        params = ensemble.member(result.state, index).params
-        history = [r for r in result.train_history if r.get("member") == index]
-        evals = [r for r in result.eval_history if r.get("member") == index]
-        train_losses = [r["train/loss"] for r in history if "train/loss" in r]
-        summary = {
-            "name": cell.name,
-            "group": cell.group,
-            "labels": dict(cell.labels),
-            "params": models.count_params(params),
-            "test_accuracy": float(members[index]["accuracy"]),
-            "test_loss": float(members[index]["loss"]),
-            "train_loss": float(train_losses[-1]) if train_losses else float("nan"),
-            "eval_curve": [[int(r["step"]), float(r["eval/accuracy"])] for r in evals],
-            "steps": int(result.steps),
+        summary = _cell_summary(
+            cell, config, ensemble.member(result.state, index).params, result.final_eval["members"][index],
+            [r for r in result.train_history if r.get("member") == index],
+            [r for r in result.eval_history if r.get("member") == index], result.steps,
+        )
+        summary.update(
             # The ensemble's step time shared among its members: the cost of one seed's step.
-            "seconds_per_step": step_seconds / len(seeds),
-            "seconds_to_first_step": (first_step[0] - started) if first_step else float("nan"),
-            "seconds_total": (finished - started) / len(seeds),
-            "knobs": _learned_knobs(params, scheme_name if isinstance(scheme_name, str) else None,
-                                    dict(config.model_options).get("scheme_options")),
-            "trained_in": str(pack_dir.relative_to(workdir)),
-            "ensemble_members": len(seeds),
-        }
+            seconds_per_step=step_seconds / len(seeds),
+            seconds_to_first_step=to_first,
+            seconds_total=total / len(seeds),
+            trained_in=str(pack_dir.relative_to(workdir)),
+            ensemble_members=len(seeds),
+        )
         _write_json(cell_dir / "cell.json", summary)
         summaries.append(_with_config(summary, cell_dir))
     return summaries

@@ -57,6 +57,7 @@ import cnn.train  # noqa: E402
 from cnn import data  # noqa: E402
 from cnn.tasks import segmentation  # noqa: E402
 from cnn.tasks.segmentation.voc import colorize  # noqa: E402
+from experiments import grid  # noqa: E402
 
 COLUMNS = (
     "model", "params", "mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou", "ms_per_step",
@@ -105,12 +106,6 @@ def segmentation_task(config: ml_collections.ConfigDict, mean, std) -> cnn.train
         weights = segmentation.median_frequency_weights(masks, num_classes, ignore_label=ignore_label)
     return segmentation.segmentation_task(num_classes=num_classes, ignore_label=ignore_label, class_weights=weights,
                                           mean=mean, std=std)
-
-
-def median_step_ms(history, batch_size: int) -> float:
-    """Median wall time of a training step over the logged windows after the first (compiling) one."""
-    rates = [r["train/examples_per_sec"] for r in history if "train/examples_per_sec" in r][1:]
-    return 1000 * float(np.median([batch_size / rate for rate in rates])) if rates else float("nan")
 
 
 def machine_description() -> str:
@@ -203,7 +198,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
         predictions[name] = np.asarray(predict(result.state, figure_images))  # the first test images
         histories[name] = result.train_history + result.eval_history
         metrics = result.final_eval
-        ms_per_step = median_step_ms(result.train_history, int(config.batch_size))
+        ms_per_step = 1000 * grid.median_step_seconds(result.train_history, int(config.batch_size))
         rows.append({
             "model": name,
             "params": result.num_params,
@@ -258,7 +253,5 @@ def main(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, comm
 
 
 if __name__ == "__main__":
-    from experiments import grid
-
     grid.cli_main(sys.argv, "experiments/configs/segmentation.py", main, "experiments.segmentation",
                   compilation_cache=False, default_workdir="runs/segmentation")

@@ -228,12 +228,12 @@ class EnsembleParallel:
         donate = parallel_lib.donated_arguments() if returns_state else ()
         if self.mode == "single":
             return jax.jit(step, donate_argnums=donate, **options)
-        state = self._sharding(self._state_spec())
+        # State, per-member keys and per-member outputs share one sharding (members split or not).
+        members = self._sharding(self._state_spec())
         batch = self._sharding(self._batch_spec(member_batch))
         replicated = self._sharding(PartitionSpec())
-        member_spec = self._sharding(self._state_spec())
-        in_shardings = (state, batch) if not returns_state else (state, batch, member_spec if member_batch else replicated)
-        out_shardings = (state, member_spec) if returns_state else member_spec
+        in_shardings = (members, batch) if not returns_state else (members, batch, members if member_batch else replicated)
+        out_shardings = (members, members) if returns_state else members
         return jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate, **options)
 
     def compile_train(self, train_step: Callable) -> Callable:

@@ -406,7 +406,7 @@ class Training:
         saved = loop_state.get("windows") or [loop_state.get("window")]
         self.windows = [MetricWindow(saved[i] if i < len(saved) else None) for i in range(len(self.seeds or (0,)))]
         self._pending: tuple[int, Any] | None = None
-        step = int(np.asarray(state.step).reshape(-1)[0])
+        step = _step_of(state)
         self.progress = tqdm(total=length.total_steps, initial=step, desc=f"train {config.model}", unit="step",
                              disable=not (primary and config.progress), dynamic_ncols=True)
 
@@ -499,6 +499,11 @@ class Training:
         self.progress.close()
         self.checkpointer.close()
         self.logger.close()
+
+
+def _step_of(state: TrainState) -> int:
+    """The state's step (an ensemble's members all share it: the first member's)."""
+    return int(np.asarray(state.step).reshape(-1)[0])
 
 
 def _is_number(value: Any) -> bool:
@@ -628,7 +633,7 @@ def fit(
     resume_step = None
     if checkpointer.latest_step() is not None:  # the newest intact checkpoint (broken ones are set aside)
         state, data_state, loop_state = checkpointer.restore(state)
-        resume_step = int(np.asarray(state.step).reshape(-1)[0])
+        resume_step = _step_of(state)
         data.train.set_state(data_state)
     logger = RunLogger(workdir, enabled=primary, resume_step=-1 if resume_step is None else resume_step)
     if action == "extend":
@@ -642,7 +647,7 @@ def fit(
                    primary=primary)
     final_eval = None
     try:
-        for step in range(int(np.asarray(state.step).reshape(-1)[0]) + 1, length.total_steps + 1):
+        for step in range(_step_of(state) + 1, length.total_steps + 1):
             run.step(step)
             for callback in callbacks:
                 callback(step, run.state)

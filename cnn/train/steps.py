@@ -37,7 +37,6 @@ from cnn.train.task import (
     Task,
     cross_entropy_loss,
     prepare_images,
-    summarize_classification,
 )
 
 Batch = dict[str, jax.Array]
@@ -164,11 +163,6 @@ def make_eval_step(task: Task = CLASSIFICATION, *, axis_name: str | None = None)
     return eval_step
 
 
-def summarize_eval(totals: dict[str, float]) -> dict[str, float]:
-    """Classification's `{"loss", "accuracy", "count"}` from summed eval metrics."""
-    return summarize_classification(totals)
-
-
 __all__ = [
     "augment_batch",
     "cross_entropy_loss",
@@ -177,5 +171,4 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "prepare_images",
-    "summarize_eval",
 ]

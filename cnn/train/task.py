@@ -140,11 +140,9 @@ def options_tuple(**options: Any) -> tuple[tuple[str, Any], ...]:
     """Sorted `(name, value)` pairs, lists and arrays turned into tuples so that they hash."""
 
     def frozen(value: Any) -> Any:
-        if isinstance(value, (list, tuple, np.ndarray)):
-            return tuple(frozen(v) for v in np.asarray(value).tolist()) if isinstance(value, np.ndarray) else tuple(
-                frozen(v) for v in value
-            )
-        return value
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
     return tuple(sorted((name, frozen(value)) for name, value in options.items()))
 
