@@ -3,11 +3,12 @@
     python benchmarks/ensemble.py --out runs/bench                  # ResNet-20, batch 128, M = 1 2 4 8
     python benchmarks/ensemble.py --quick --out /tmp/bench          # ResNet-8, batch 8, M = 1 2 (< 1 minute)
 
-For each ensemble size M, two candidates train M independently initialized networks on the same
-batch (`config.ensemble.data="shared"`): the ensemble (`cnn.train.ensemble`: the package's
-train step `jax.vmap`ped over a member axis, one jitted program) and M separate single-model
-states stepped one after the other by the one jitted single-model step (what M separate runs
-cost on one device, without their start-up). All candidates take turns (side by side in one
+For each ensemble size M, three candidates train M independently initialized networks on the
+same batch (`config.ensemble.data="shared"`): the ensemble (`cnn.train.ensemble`, one jitted
+program: the package's train step `jax.vmap`ped over a member axis, "vmap"), the same step looped
+over the members inside one program with `jax.lax.map` ("map", measured here only), and M
+separate single-model states stepped one after the other by the one jitted single-model step
+(what M separate runs cost on one device, without their start-up). All candidates take turns (side by side in one
 run); the table gives seconds per step of all M members, aggregate images/s (M x batch / time)
 and the ensemble's speed-up over separate runs. Writes ensemble.json and ensemble.md.
 """
@@ -27,14 +28,27 @@ from cnn.train import ensemble as ensemble_lib  # noqa: E402
 from cnn.train import parallel, steps  # noqa: E402
 
 
+def map_train_step(train_step, *, shared_data: bool):
+    """The alternative to `cnn.train.ensemble.vmap_train_step` measured here: a loop over the
+    members inside the program (`jax.lax.map`), each iteration the single model's step (shared
+    data only). Not in the package: on this CPU it was no faster than vmap (benchmarks/RESULTS.md)."""
+    assert shared_data
+
+    def step(state, batch, augment_rng):
+        return jax.lax.map(lambda one: train_step(one, batch, augment_rng), state)
+
+    return step
+
+
 class EnsembleStepper:
     """Runs the vmapped train step of a stacked state `k` times."""
 
-    def __init__(self, states, batch):
+    def __init__(self, states, batch, layout: str = "vmap"):
         self.state = jax.device_put(ensemble_lib.stack([jax.device_get(s) for s in states]))
         self.rng = jax.device_put(self.state.rng[0])
         self.batch = {k: jax.device_put(v) for k, v in batch.items()}
-        vmapped = ensemble_lib.vmap_train_step(steps.make_train_step(), shared_data=True)
+        over_members = map_train_step if layout == "map" else ensemble_lib.vmap_train_step
+        vmapped = over_members(steps.make_train_step(), shared_data=True)
         self.step = jax.jit(vmapped, donate_argnums=parallel.donated_arguments(),
                             **parallel.resolve_compiler_options("auto"))
 
@@ -85,11 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
     runners = {}
     for size in sizes:
         runners[f"ensemble M={size}"] = EnsembleStepper(states[:size], batch)
+        runners[f"map M={size}"] = EnsembleStepper(states[:size], batch, layout="map")
         runners[f"separate M={size}"] = SeparateStepper(states[:size], batch)
     timing = common.interleaved_seconds_per_step(runners, repeats=repeats, steps_per_repeat=args.steps)
     for size in sizes:
         together, apart = timing[f"ensemble M={size}"], timing[f"separate M={size}"]
+        looped = timing[f"map M={size}"]
         record["rows"].append({
+            "map_seconds_per_step": looped["median"],
+            "map_speedup": apart["median"] / looped["median"],
+            "map_samples": looped["samples"],
             "members": size,
             "ensemble_seconds_per_step": together["median"],
             "separate_seconds_per_step": apart["median"],
@@ -108,11 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(record: dict) -> str:
-    header = ["members M", "ensemble s / step", "separate s / step", "ensemble images/s", "separate images/s",
-              "ensemble speed-up", "ensemble time vs M=1"]
+    header = ["members M", "vmap s / step", "map s / step", "separate s / step", "vmap images/s", "separate images/s",
+              "vmap speed-up", "map speed-up", "vmap time vs M=1"]
     rows = [
-        [r["members"], f"{r['ensemble_seconds_per_step']:.3f}", f"{r['separate_seconds_per_step']:.3f}",
+        [r["members"], f"{r['ensemble_seconds_per_step']:.3f}", f"{r['map_seconds_per_step']:.3f}",
+         f"{r['separate_seconds_per_step']:.3f}",
          f"{r['ensemble_images_per_second']:.0f}", f"{r['separate_images_per_second']:.0f}", f"{r['speedup']:.2f}x",
+         f"{r['map_speedup']:.2f}x",
          "" if r["time_vs_one_member"] is None else f"{r['time_vs_one_member']:.2f}x"]
         for r in record["rows"]
     ]

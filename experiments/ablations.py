@@ -28,6 +28,7 @@ import ml_collections
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cnn.ode.schemes import SchemeSpec  # noqa: E402
 from experiments import grid, stats  # noqa: E402
 from experiments.configs import base  # noqa: E402
 
@@ -37,23 +38,39 @@ def base_config() -> ml_collections.ConfigDict:
     return base.ablation()
 
 
+def variant_model_options(name: str, variant: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """The model options of variant `name`'s cells: depth, the scheme value's `scheme` (and
+    `scheme_options`), then the variant's other model options (which may override the depth)."""
+    unknown = sorted(set(variant) - {"knob", "scheme", "model_options"})
+    if unknown:
+        raise ValueError(f"config.variants.{name} has unknown fields {unknown}; expected knob, scheme, model_options")
+    if "scheme" not in variant:
+        raise ValueError(f"config.variants.{name} has no 'scheme': name one, e.g. 'euler' or "
+                         "{'name': 'lm', 'constrain': True}")
+    model_options = dict(variant.get("model_options", {}))
+    moved = sorted({"scheme", "scheme_options"} & set(model_options))
+    if moved:
+        raise ValueError(f"config.variants.{name}.model_options sets {moved}: a scheme and its options are one value, "
+                         f"config.variants.{name}.scheme (e.g. {{'name': 'euler', 'h': 0.5}})")
+    return {"depth": depth, **SchemeSpec.parse(variant["scheme"]).model_options(), **model_options}
+
+
 def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
-    """One cell per (variant, seed), seed-major."""
+    """One cell per (variant, seed), seed-major. A variant is `{"knob": group label, "scheme":
+    scheme value, "model_options": {...}}`: the scheme and its options as one value (a name or
+    `{"name": "lm", "constrain": True}`, `cnn.ode.SchemeSpec`), other model options apart."""
     variants = config.variants.to_dict()
     if config.baseline not in variants:
         raise ValueError(f"config.baseline={config.baseline!r} is not a variant; variants: {list(variants)}")
+    options_of = {name: variant_model_options(name, variant, int(config.depth)) for name, variant in variants.items()}
     result = []
     for seed in config.seeds:
         for name, variant in variants.items():
-            unknown = sorted(set(variant) - {"knob", "model_options"})
-            if unknown:
-                raise ValueError(f"config.variants.{name} has unknown fields {unknown}; expected knob, model_options")
-            options = {"depth": int(config.depth), **dict(variant.get("model_options", {}))}
             result.append(
                 grid.Cell(
                     name=f"{name}-s{seed}",
                     group=name,
-                    overrides={"seed": int(seed), "model_options": options},
+                    overrides={"seed": int(seed), "model_options": options_of[name]},
                     labels={"variant": name, "knob": variant.get("knob", ""), "seed": int(seed)},
                 )
             )
@@ -85,7 +102,7 @@ def table_rows(config, group_stats: Sequence[grid.GroupStats], summaries: Sequen
             d = row.difference
             delta, flag, mdd = f"{100 * d.mean:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]", row.flag, f"{100 * row.mdd:.2f}"
         rows.append([
-            stat.labels["knob"], name, f"{stat.params:,}",
+            stat.labels["knob"], grid.scheme_label(name, [s for s in summaries if s["group"] == name]), f"{stat.params:,}",
             f"{100 * stat.accuracy_mean:.2f} ± {100 * stat.accuracy_std:.2f}", stat.count, delta, flag, mdd,
             f"{stat.train_loss_mean:.4f}", f"{1000 * stat.seconds_per_step:.1f}",
         ])

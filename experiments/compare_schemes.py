@@ -14,6 +14,10 @@ budget, and writes into the run directory:
                                checkpoints, cell.json (its summary)
     config.json                the experiment config
 
+Each entry of `config.schemes` is a scheme and its options as one value: a name (`"lm"`) or a
+mapping (`{"name": "backward_euler", "iterations": 20, "tolerance": 1e-3}`, optionally with a
+`"label"` naming its cells and rows; `cnn.ode.SchemeSpec`).
+
 Finished cells are skipped, an interrupted cell resumes from its checkpoint, so rerunning the
 same command continues an interrupted comparison. One cell alone:
 `--config.only='("lm-d20-s0",)'`.
@@ -38,7 +42,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.models.cifar_resnet import blocks_per_stage  # noqa: E402
-from cnn.ode import get_scheme  # noqa: E402
+from cnn.ode.schemes import SchemeSpec, scheme_specs  # noqa: E402
+from cnn.ode.stage import fold_stage_options  # noqa: E402
 from experiments import grid, stats  # noqa: E402
 from experiments.configs import base  # noqa: E402
 
@@ -50,30 +55,43 @@ def base_config() -> ml_collections.ConfigDict:
     return base.scheme_comparison()
 
 
+def specs(config: ml_collections.ConfigDict) -> dict[str, SchemeSpec]:
+    """`{label: spec}` of `config.schemes`, the config's one scheme address: each entry is a
+    name (`"lm"`) or a mapping of a name, the scheme's options and an optional label
+    (`{"name": "backward_euler", "iterations": 20, "tolerance": 1e-3}`; `cnn.ode.SchemeSpec`)."""
+    if "scheme_options" in config:
+        raise ValueError("config.scheme_options is gone: write a scheme's options into its entry of config.schemes, "
+                         "e.g. config.schemes = ('euler', {'name': 'backward_euler', 'iterations': 20})")
+    return {spec.label: spec for spec in scheme_specs(config.schemes)}
+
+
+def scheme_model_options(config: ml_collections.ConfigDict, label: str) -> dict[str, Any]:
+    """The model options of scheme `label`'s cells on top of `config.model_options`: its scheme
+    and scheme options, then `config.scheme_model_options[label]` (e.g. a preactivation layout)."""
+    return {**specs(config)[label].model_options(), **dict(config.scheme_model_options.get(label, {}))}
+
+
 def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     """One cell per (scheme, depth, seed), seed-major: an interrupted or time-limited run has
-    every (scheme, depth) for the first seeds rather than all seeds of the first schemes."""
-    for scheme in config.schemes:
-        get_scheme(scheme, **dict(config.scheme_options.get(scheme, {})))  # fail early on bad names
+    every (scheme, depth) for the first seeds rather than all seeds of the first schemes. A cell
+    and its table row are named by the scheme's label."""
+    labels = list(specs(config))  # fails early on bad names and options
     for depth in config.depths:
         blocks_per_stage(depth)
     identical = identical_cells(config)  # computed as Euler's network: not trained
     result = []
     for seed in config.seeds:
         for depth in config.depths:
-            for scheme in config.schemes:
-                if (scheme, int(depth)) in identical:
+            for label in labels:
+                if (label, int(depth)) in identical:
                     continue
-                model_options = {"depth": int(depth), "scheme": scheme}
-                model_options.update(dict(config.scheme_model_options.get(scheme, {})))
-                if scheme in config.scheme_options:
-                    model_options["scheme_options"] = dict(config.scheme_options[scheme])
+                model_options = {"depth": int(depth), **scheme_model_options(config, label)}
                 result.append(
                     grid.Cell(
-                        name=f"{scheme}-d{depth}-s{seed}",
-                        group=f"{scheme}-d{depth}",
+                        name=f"{label}-d{depth}-s{seed}",
+                        group=f"{label}-d{depth}",
                         overrides={"seed": int(seed), "model_options": model_options},
-                        labels={"scheme": scheme, "depth": int(depth), "seed": int(seed)},
+                        labels={"scheme": label, "depth": int(depth), "seed": int(seed)},
                     )
                 )
     return result
@@ -95,10 +113,8 @@ def evaluations_per_forward(config: ml_collections.ConfigDict, scheme: str, dept
     from cnn import models
     from cnn.ode.stage import count_f_evaluations
 
-    options = {**training_base(config).model_options.to_dict(), "depth": int(depth), "scheme": scheme}
-    options.update(dict(config.scheme_model_options.get(scheme, {})))
-    if scheme in config.scheme_options:
-        options["scheme_options"] = dict(config.scheme_options[scheme])
+    options = {**training_base(config).model_options.to_dict(), "depth": int(depth),
+               **scheme_model_options(config, scheme)}
     return count_f_evaluations(models.create(config.model, **options), (1, 32, 32, 3))
 
 
@@ -107,22 +123,22 @@ def identical_cells(config: ml_collections.ConfigDict) -> set[tuple[str, int]]:
     schemes' own step rules decide: `experiments.stats.computes_euler_network`), e.g. multistep
     schemes at one block per stage. They are not trained and are reported as identical. Empty
     when Euler is not among the schemes or the model is not the CIFAR ResNet."""
-    if REFERENCE_SCHEME not in config.schemes or config.model != "cifar_resnet":
+    by_label = specs(config)
+    if REFERENCE_SCHEME not in by_label or config.model != "cifar_resnet":
         return set()
     reference_options = dict(config.scheme_model_options.get(REFERENCE_SCHEME, {}))
     found = set()
-    for scheme in config.schemes:
-        options = dict(config.scheme_model_options.get(scheme, {}))
-        if scheme == REFERENCE_SCHEME or options != reference_options:
+    for label, spec in by_label.items():
+        options = dict(config.scheme_model_options.get(label, {}))
+        if label == REFERENCE_SCHEME or options != reference_options:
             continue
-        model_options = {**config.model_options.to_dict(), **options}
+        stage = fold_stage_options({**config.model_options.to_dict(), **options})["stage"]
         for depth in config.depths:
             if stats.computes_euler_network(
-                scheme, dict(config.scheme_options.get(scheme, {})), blocks_per_stage(int(depth)),
-                start=model_options.get("start", "euler"),
-                history_at_entry=model_options.get("history_at_entry", "restart"),
+                spec.name, dict(spec.options), blocks_per_stage(int(depth)),
+                start=stage.start, history_at_entry=stage.history_at_entry,
             ):
-                found.add((scheme, int(depth)))
+                found.add((label, int(depth)))
     return found
 
 
@@ -135,16 +151,18 @@ def paired_comparisons(config: ml_collections.ConfigDict, summaries: Sequence[Ma
         labels = summary["labels"]
         accuracies.setdefault((labels["scheme"], int(labels["depth"])), {})[int(labels["seed"])] = summary["test_accuracy"]
     identical = identical_cells(config)
+    by_label = specs(config)
     comparisons = []
     for depth in map(int, config.depths):
-        for scheme in config.schemes:
-            key = (scheme, depth)
-            if scheme != REFERENCE_SCHEME and (key in accuracies or key in identical):
+        for label in by_label:
+            key = (label, depth)
+            if label != REFERENCE_SCHEME and (key in accuracies or key in identical):
                 comparisons.append((key, (REFERENCE_SCHEME, depth)))
     for depth in map(int, config.depths):
         deeper = (REFERENCE_SCHEME, 2 * depth - 2)
-        if ("lm", depth) in accuracies and deeper in accuracies:
-            comparisons.append((("lm", depth), deeper))
+        for label, spec in by_label.items():
+            if spec.name == "lm" and (label, depth) in accuracies and deeper in accuracies:
+                comparisons.append(((label, depth), deeper))
     comparisons = [(a, b) for a, b in comparisons if b in accuracies]
     return stats.compare_paired(accuracies, comparisons, identical=identical, alpha=float(config.alpha),
                                 power=float(config.power))
@@ -169,7 +187,7 @@ def table_rows(
     identical = identical_cells(config)
     rows = []
     for depth in map(int, config.depths):
-        for scheme in config.schemes:
+        for scheme in specs(config):
             key = (scheme, depth)
             stat = by_key.get((REFERENCE_SCHEME, depth) if key in identical else key)
             if stat is None:
@@ -185,7 +203,8 @@ def table_rows(
                 d = row.difference
                 delta, flag = f"{100 * d.mean:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]", row.flag
             rows.append([
-                scheme,
+                grid.scheme_label(scheme, [s for s in summaries
+                                           if (s["labels"]["scheme"], int(s["labels"]["depth"])) == key]),
                 depth,
                 f"{stat.params:,}",
                 evaluations_per_forward(config, scheme, depth),
@@ -318,7 +337,9 @@ def write_report(
         f"Holm's correction over every comparison of the report rejects at family-wise level {config.alpha:g}. "
         "Cells that compute the Euler network exactly are not trained (`= euler`). "
         "F evals / forward counts the residual-function calls of one forward pass of the network (an Euler "
-        "step at each shape-changing block; an implicit step's maximum sweeps). ms / step is the median over logged "
+        "step at each shape-changing block; an implicit step's maximum sweeps); an implicit scheme's row gives its sweeps "
+        "and the largest relative residual |z_(i+1) - z_i| / |z_(i+1)| its solve reached (eval mode, first test batch) "
+        "when the tolerance was not met or none was set. ms / step is the median over logged "
         "windows after the first (per seed: an ensemble's step time divided by its members); compile s is the "
         "time from the start of training to the first step (mostly compilation).",
         "",

@@ -11,12 +11,12 @@ predicted boxes; ground truth dashed), learning_curve.png and the `cnn.train.fit
 (config.json, metrics.jsonl, checkpoints/, results.json); rerunning resumes it.
 
 Recorded result of the default config (`python -m experiments.detection --workdir runs/detection`,
-5000 steps of batch 32, jax 0.10.2 on a shared 2-core CPU, 647 s wall while other jobs ran; about
-20 steps/s when the CPU is free): test mAP@0.5 = 0.9311 with the VOC2010+ all-point interpolation,
-0.8848 with the VOC07 11-point one (AP circle 0.927, square 0.945, triangle 0.921); mAP@0.5 was
-0.28 / 0.68 / 0.86 / 0.93 after 1000 / 2000 / 3000 / 4000 steps. The `slow` test
-`tests/tasks/detection/test_detection_training.py` checks that the run reaches 0.85.
-Settings that did worse (test mAP@0.5): 4096 training images without augmentation 0.55 (the fully
+5000 steps of batch 32 on the one trainer, jax 0.10.2 on a shared 2-core CPU, 465 s of training):
+test mAP@0.5 = 0.9380 with the VOC2010+ all-point interpolation, 0.8868 with the VOC07 11-point
+one (AP circle 0.958, square 0.933, triangle 0.923); mAP@0.5 was 0.18 / 0.59 / 0.86 / 0.92 after
+1000 / 2000 / 3000 / 4000 steps (experiments/RESULTS.md section 5 has the earlier forked-loop run).
+The `slow` test `tests/tasks/detection/test_detection_training.py` checks that the run reaches 0.85.
+Settings that did worse (test mAP@0.5, forked loop, before the colour jitter): 4096 training images without augmentation 0.55 (the fully
 connected head memorizes them: train loss 0.45); dropout 0.5 after fc1, 3000 steps, 0.28.
 """
 

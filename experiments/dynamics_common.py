@@ -18,17 +18,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.models.dynamics import START_MODES  # noqa: E402
-from cnn.ode import get_scheme  # noqa: E402
+from cnn.ode.schemes import SchemeSpec, scheme_specs  # noqa: E402
 from experiments import grid  # noqa: E402
 
 
-def scheme_options(config: ml_collections.ConfigDict, scheme: str) -> dict[str, Any]:
-    """`config.scheme_options[scheme]` as a dict (`{}` when unset)."""
-    options = config.get("scheme_options", None)
-    if options is None or scheme not in options:
-        return {}
-    value = options[scheme]
-    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+def specs(config: ml_collections.ConfigDict) -> dict[str, SchemeSpec]:
+    """`{label: spec}` of `config.schemes`, the one scheme address: each entry a name or a
+    mapping of a name and the scheme's options (`{"name": "backward_euler", "iterations": 3}`,
+    `cnn.ode.SchemeSpec`); the step `h` is the experiment's `dt`, not a scheme option."""
+    if "scheme_options" in config:
+        raise ValueError("config.scheme_options is gone: write a scheme's options into its entry of config.schemes, "
+                         "e.g. config.schemes = ('euler', {'name': 'backward_euler', 'iterations': 3})")
+    return {spec.label: spec for spec in scheme_specs(config.schemes)}
+
+
+def model_scheme_options(spec: SchemeSpec) -> dict[str, Any]:
+    """The integrator's scheme keywords for `spec` (`scheme_options` always present, as the
+    recorded run directories' config.json files have it)."""
+    return {"scheme": spec.name, "scheme_options": dict(spec.options)}
 
 
 def validate(config: ml_collections.ConfigDict, experiment: str) -> None:
@@ -41,10 +48,7 @@ def validate(config: ml_collections.ConfigDict, experiment: str) -> None:
         raise ValueError("config.train is missing: the cnn.train.fit fields (optimizer, batch_size, ...)")
     if config.get("experiment") != experiment:
         raise ValueError(f"config.experiment={config.get('experiment')!r}; this script runs {experiment!r}")
-    if not config.schemes:
-        raise ValueError("config.schemes is empty; name at least one scheme (e.g. ('euler',))")
-    for scheme in config.schemes:
-        get_scheme(scheme, **scheme_options(config, scheme))  # fails early on bad names and options
+    specs(config)  # fails early on bad names and options
     if config.start not in START_MODES:
         raise ValueError(f"config.start={config.start!r}; valid: {list(START_MODES)}")
     if int(config.train_horizon) < 1:

@@ -41,7 +41,7 @@ import numpy as np
 from cnn import models
 from cnn.data import synthetic
 from cnn.models.dynamics import field_variables, history_length
-from cnn.ode import Scheme, get_scheme, knob_values
+from cnn.ode import Scheme, get_scheme, implicit_scheme_label, implicit_solve_stats, knob_values, summarize_implicit_solve
 from cnn.tasks import dynamics as dynamics_task
 from cnn.train import fit
 from experiments import dynamics_common as common
@@ -153,7 +153,7 @@ def context_for(config: ml_collections.ConfigDict) -> int:
     start), or 0 (the schemes' own start rules)."""
     if config.start != "data":
         return 0
-    return max(history_length(get_scheme(s, **common.scheme_options(config, s))) for s in config.schemes)
+    return max(history_length(spec.build()) for spec in common.specs(config).values())
 
 
 def relative_l2(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -202,6 +202,9 @@ def evaluate_scheme(
         "invariant_error": invariant_error, "knobs": knobs, "field_scale": scale,
         "field_relative_error": float(np.linalg.norm(scale * learned - true_field) / np.linalg.norm(true_field)),
         "refined_rollout_relative_l2": math.nan, "fine_errors": None,
+        # an implicit step's solve on the test data's first steps: sweeps used and residual reached
+        "implicit_solve": summarize_implicit_solve(
+            implicit_solve_stats(model, variables, test32[:, : context + 2], train=True)) if scheme.is_implicit else {},
     }
     refine = int(config.get("refine", 0) or 0)
     if refine > 1:  # the same F with a smaller step: accurate only if F is (close to) the true field
@@ -231,17 +234,19 @@ def run_ode(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     datasets = dynamics_task.window_datasets(data)
     task = dynamics_task.dynamics(context=context)
     rows, curves = [], {}
-    for scheme_name in config.schemes:
-        model_options = {"scheme": scheme_name, "scheme_options": common.scheme_options(config, scheme_name),
-                         "h": float(config.dt), "start": config.start}
+    for scheme_name, spec in common.specs(config).items():
+        model_options = {**common.model_scheme_options(spec), "h": float(config.dt), "start": config.start}
         train_config = common.fit_config(config, config.system, **model_options)
         result = fit(train_config, pathlib.Path(workdir) / scheme_name, task=task, datasets=datasets)
         measured = evaluate_scheme(config, system, train_config.model_options.to_dict(), result.state.params,
                                    data["test"], context)
-        scheme = get_scheme(scheme_name, **common.scheme_options(config, scheme_name))
+        scheme = spec.build()
         evaluation = result.final_eval
         rows.append({
-            "scheme": scheme_name, "order": scheme.order, "evals_per_step": scheme.evals_per_step,
+            "scheme": scheme_name, "order": scheme.order,
+            "label": implicit_scheme_label(scheme, measured["implicit_solve"] or None),
+            "evals_per_step": (round(measured["implicit_solve"]["mean_sweeps"], 1) if measured["implicit_solve"]
+                               else scheme.evals_per_step),
             "knobs": measured["knobs"], "field_scale": measured["field_scale"],
             "train_loss": common.final_loss(result.train_history, result.steps),
             "one_step_rmse": evaluation["one_step_rmse"],
@@ -365,7 +370,7 @@ def ode_table(results: Mapping[str, Any], config: ml_collections.ConfigDict) -> 
         knobs = ", ".join(f"{k}={v:+.3f}" for k, v in r["knobs"].items()) or "-"
         numbers = ["one_step_rmse", "rollout_relative_l2", "rollout_final_error", "invariant_error",
                    "field_relative_error"] + (["refined_rollout_relative_l2"] if refine > 1 else []) + ["train_loss"]
-        rows.append([r["scheme"], r["order"], r["evals_per_step"], knobs] + [common.fmt(r[k]) for k in numbers]
+        rows.append([r.get("label", r["scheme"]), r["order"], r["evals_per_step"], knobs] + [common.fmt(r[k]) for k in numbers]
                     + [f"{r['train_seconds']:.1f}"])
     return header, rows
 

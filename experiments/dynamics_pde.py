@@ -35,6 +35,7 @@ import numpy as np
 from cnn import models
 from cnn.data import synthetic
 from cnn.models.dynamics import field_variables, history_length
+from cnn.ode.schemes import SchemeSpec
 from cnn.tasks import dynamics as dynamics_task
 from cnn.train import fit
 from experiments import dynamics_common as common
@@ -129,19 +130,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.start != "data" or int(config.train_horizon) != 1:
         raise ValueError(f"the PDE experiment fits one-step pairs: use config.start='data' (got {config.start!r}), "
                          f"config.train_horizon=1 (got {config.train_horizon})")
-    for scheme in config.schemes:
-        if history_length(scheme):
-            raise ValueError(f"config.schemes has {scheme!r}, which keeps a past; the PDE experiment fits one-step "
+    for label, spec in common.specs(config).items():
+        if history_length(spec.build()):
+            raise ValueError(f"config.schemes has {label!r}, which keeps a past; the PDE experiment fits one-step "
                              "schemes only")
 
 
 def fit_kernel(
-    config: ml_collections.ConfigDict, scheme: str, initial: str, data: Mapping[str, np.ndarray],
+    config: ml_collections.ConfigDict, spec: SchemeSpec, initial: str, data: Mapping[str, np.ndarray],
     target: np.ndarray, workdir: pathlib.Path,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trains one stencil integrator with `cnn.train.fit`; returns its table row and its curves."""
-    train_config = common.fit_config(config, "heat_equation", scheme=scheme, h=1.0,
-                                     scheme_options=common.scheme_options(config, scheme),
+    scheme = spec.label
+    train_config = common.fit_config(config, "heat_equation", **common.model_scheme_options(spec), h=1.0,
                                      boundary=str(config.pde.boundary))
     datasets = dynamics_task.window_datasets({"train": dynamics_task.make_windows(data["train"], 2),
                                               "test": data["test"]})
@@ -180,9 +181,9 @@ def run_pde(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         target = laplacian_stencil(int(pde.grid_size), str(pde.boundary), float(pde.diffusivity), dt)
         optimum, condition = least_squares_stencil(train, str(pde.boundary))
         analysis[initial] = {"lstsq_distance": float(np.max(np.abs(optimum - target))), "hessian_condition": condition}
-        for scheme in config.schemes:
+        for scheme, spec in common.specs(config).items():
             data = {"train": train, "test": test}
-            row, curve = fit_kernel(config, scheme, initial, data, target, pathlib.Path(workdir))
+            row, curve = fit_kernel(config, spec, initial, data, target, pathlib.Path(workdir))
             rows.append(row)
             curves[f"{scheme}/{initial}"] = curve
     return {"rows": rows, "curves": curves, "target": target, "dt": dt, "analysis": analysis}

@@ -151,6 +151,88 @@ def _learned_knobs(
     return {knob: [float(v) for values in per_stage.values() for v in np.ravel(values[knob])] for knob in scheme.knob_names}
 
 
+def _built_scheme(model_options: Mapping[str, Any]) -> Any:
+    """The `Scheme` a cell's `model_options` build (`scheme` + `scheme_options`), or None when
+    they name none or one `get_scheme` rejects."""
+    scheme = model_options.get("scheme")
+    if scheme is None:
+        return None
+    try:
+        return get_scheme(scheme, **dict(model_options.get("scheme_options") or {}))
+    except (TypeError, ValueError):
+        return None
+
+
+def implicit_solve_record(config: ml_collections.ConfigDict, state: Any,
+                          datasets: loop.DatasetFactory | None = None) -> dict[str, Any] | None:
+    """What the implicit solve of a trained cell achieved, or None when its scheme is explicit.
+
+    The trained network (`state.params`, `state.batch_stats`: a single run's state or an
+    ensemble member's) is applied in eval mode -- the network whose test accuracy is reported --
+    to the first batch of the evaluation split, and every implicit step reports the relative
+    residual `|z_{i+1} - z_i| / |z_{i+1}|` of its last counted sweep and the sweeps it used
+    (`cnn.ode.stage.implicit_solve_stats`). Returns `{"mode": "eval", "examples": batch size,
+    "blocks": {block path: {"residual": [per step], "sweeps": [per step]}}, "steps",
+    "max_residual", "mean_residual", "mean_sweeps", "max_sweeps"}` (JSON-ready).
+    """
+    scheme = _built_scheme(dict(config.model_options))
+    if scheme is None or scheme.kind != "runge_kutta" or not scheme.is_implicit:
+        return None
+    from cnn.ode.stage import implicit_solve_stats, summarize_implicit_solve
+    from cnn.train.config import create_model, resolve_config
+    from cnn.train.parallel import DataParallel
+
+    resolved = resolve_config(config)
+    task = loop.task_from_config(resolved)
+    data = loop.RunData(resolved, task, datasets)
+    batch = task.select(next(iter(data.eval_batches())))
+    inputs = task.model_input(task.prepare({key: jax.numpy.asarray(value) for key, value in batch.items()}))
+    model = create_model(resolved, task, DataParallel.create("single"), data.input_shape)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    stats = implicit_solve_stats(model, variables, inputs, train=False)
+    return {
+        "mode": "eval",
+        "examples": int(inputs.shape[0]),
+        "blocks": {path: {"residual": [float(v) for v in s["residual"]], "sweeps": [int(v) for v in s["sweeps"]]}
+                   for path, s in stats.items()},
+        **summarize_implicit_solve(stats),
+    }
+
+
+def _implicit_solve_fields(config: ml_collections.ConfigDict, state: Any,
+                           datasets: loop.DatasetFactory | None) -> dict[str, Any]:
+    """`{"implicit_solve": implicit_solve_record(...)}` for an implicit scheme's cell, else {}."""
+    record = implicit_solve_record(config, state, datasets)
+    return {} if record is None else {"implicit_solve": record}
+
+
+def scheme_label(name: str, summaries: Sequence[Mapping[str, Any]]) -> str:
+    """A table's name for a group of cells (its seeds) trained with one scheme: `name`, or, for an
+    implicit scheme, `name` with what its solve achieved (`cnn.ode.stage.implicit_scheme_label`),
+    e.g. "backward_euler, 2 sweeps, residual 0.31" when the tolerance was not met (or none was
+    set), over the cells' `implicit_solve` records (largest residual and sweeps over seeds);
+    "..., residual not measured" for cells recorded without one.
+
+    The scheme and its options are read from the cells' stored configs (`summary["config"]`).
+    """
+    from cnn.ode.stage import implicit_scheme_label
+
+    configs = [s.get("config") or {} for s in summaries]
+    scheme = _built_scheme(dict(configs[0].get("model_options") or {})) if configs else None
+    if scheme is None or scheme.kind != "runge_kutta" or not scheme.is_implicit:
+        return name
+    records = [s.get("implicit_solve") for s in summaries]
+    combined = None
+    if records and all(records):
+        combined = {
+            "max_residual": max(r["max_residual"] for r in records),
+            "mean_sweeps": float(np.mean([r["mean_sweeps"] for r in records])),
+            "max_sweeps": max(int(r["max_sweeps"]) for r in records),
+        }
+    label = implicit_scheme_label(scheme, combined)
+    return name + label[len(scheme.name):] if label.startswith(scheme.name) else label
+
+
 def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
     """Atomic write: a crash never leaves a half-written summary behind."""
     temporary = path.with_suffix(".tmp")
@@ -209,8 +291,10 @@ def run_cell(
     The summary holds the cell's labels, parameter count, final test loss/accuracy, final
     training loss, the evaluation curve, median wall time per step, the time from the start of
     `fit` to the first dispatched step (compilation dominates it; near zero when an identical
-    model was compiled earlier in the process), learned scheme knobs (LM's `k_t`), and (read
-    back, not stored in cell.json) `config`: the cell's stored config.json.
+    model was compiled earlier in the process), learned scheme knobs (LM's `k_t`), for an
+    implicit scheme the residual and sweeps its solve reached (`implicit_solve`, see
+    `implicit_solve_record`), and (read back, not stored in cell.json) `config`: the cell's
+    stored config.json.
 
     Raises:
       RunConfigMismatchError: the cell was trained with another config (result keys differ) and
@@ -239,6 +323,7 @@ def run_cell(
                             result.eval_history, result.steps)
     summary.update(seconds_per_step=median_step_seconds(result.train_history, int(config.batch_size)),
                    seconds_to_first_step=to_first, seconds_total=total)
+    summary.update(_implicit_solve_fields(config, result.state, datasets))
     _write_json(done, summary)
     return _with_config(summary, cell_dir)
 
@@ -301,6 +386,7 @@ def run_pack(
             trained_in=str(pack_dir.relative_to(workdir)),
             ensemble_members=len(seeds),
         )
+        summary.update(_implicit_solve_fields(single, ensemble.member(result.state, index), datasets))
         _write_json(cell_dir / "cell.json", summary)
         summaries.append(_with_config(summary, cell_dir))
     return summaries

@@ -48,7 +48,7 @@ from cnn.models.layers import check_image_input, kaiming_fan_out
 from cnn.models.registry import register
 from cnn.ode.norm import EvaluationBatchNorm
 from cnn.ode.schemes import Scheme, get_scheme
-from cnn.ode.stage import ODEStage, linear_drop_path_rates
+from cnn.ode.stage import ODEStage, StageOptions, fold_stage_options, linear_drop_path_rates
 from cnn.ops.conv import conv_general_dilated
 
 Dtype = Any
@@ -161,14 +161,11 @@ class CifarResNet(_Layers):
       shortcut: "A" (zero-padded identity) or "B" (1x1 projection) at the two transitions.
       preactivation: block layout (module docstring).
       scheme: a `cnn.ode.Scheme` or scheme name ("euler", "lm", "rk2", "rk4", "ab2", ...).
-      tied: share the residual weights across the identical blocks of each stage.
-      scan: run identical blocks under `nn.scan` (constant compile time in depth).
-      remat: recompute activations of each block in the backward pass.
-      start, history_at_entry: `cnn.ode.ODEStage` options (defaults: the LM-ResNet paper's).
+      stage: `cnn.ode.StageOptions` of all three stages (tied, scan, remat, start,
+        history_at_entry, per_evaluation_stats; defaults: the LM-ResNet paper's). `cifar_resnet`
+        also takes them as flat keywords (`scan=False`).
       final_survival: stochastic depth; survival probability of the last block (1 = off),
         linear in depth over all `3n` blocks.
-      per_evaluation_stats: multi-evaluation schemes (RK stages, implicit sweeps) keep BatchNorm
-        running statistics per evaluation of `F` (`cnn.ode.norm`); False shares them.
       bn_axis_name, dtype, param_dtype: BatchNorm cross-device axis and dtypes.
     """
 
@@ -178,13 +175,8 @@ class CifarResNet(_Layers):
     shortcut: str = "A"
     preactivation: bool = False
     scheme: Scheme | str = "euler"
-    tied: bool = False
-    scan: bool = True
-    remat: bool = False
-    start: str = "euler"
-    history_at_entry: str = "restart"
+    stage: StageOptions = StageOptions()
     final_survival: float = 1.0
-    per_evaluation_stats: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -219,14 +211,9 @@ class CifarResNet(_Layers):
                 num_blocks=n,
                 entry_block=functools.partial(residual, strides=strides) if transition else None,
                 entry_shortcut=shortcut if transition else None,
-                tied=self.tied,
-                scan=self.scan,
-                remat=self.remat,
-                start=self.start,
-                history_at_entry=self.history_at_entry,
+                options=self.stage,
                 drop_path_rates=tuple(rates[s * n : (s + 1) * n]),
                 step_activation=None if self.preactivation else nn.relu,
-                per_evaluation_stats=self.per_evaluation_stats,
                 param_dtype=self.param_dtype,
                 name=f"stage{s + 1}",
             )
@@ -250,11 +237,14 @@ def cifar_resnet(
     **options: Any,
 ) -> CifarResNet:
     """Builds a `CifarResNet`; `scheme_options` go to `cnn.ode.get_scheme` (e.g. `{"h": 0.5}`,
-    `{"k_init": (-0.1, 0.0), "constrain": True}`); other options are `CifarResNet` attributes."""
+    `{"k_init": (-0.1, 0.0), "constrain": True}`); other options are `CifarResNet` attributes,
+    except that the `cnn.ode.StageOptions` fields may come flat (`scan=False`, `tied=True`) and
+    `stage` may be a mapping (`fold_stage_options`)."""
     blocks_per_stage(depth)
     resolved = get_scheme(scheme, **dict(scheme_options or {}))
     return CifarResNet(
-        depth=depth, num_classes=num_classes, scheme=resolved, dtype=dtype, param_dtype=param_dtype, **options
+        depth=depth, num_classes=num_classes, scheme=resolved, dtype=dtype, param_dtype=param_dtype,
+        **fold_stage_options(options),
     )
 
 

@@ -48,6 +48,7 @@ variance, torch `running_var` with the unbiased one (a factor n/(n-1) on the upd
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -65,7 +66,7 @@ from cnn.models.resnet import ResNet
 from cnn.models.vgg import CONVS_PER_BLOCK, VGG
 from cnn.ode.norm import is_evaluation_name
 from cnn.ode.schemes import get_scheme
-from cnn.ode.stage import stack_unrolled, unstack_scanned
+from cnn.ode.stage import fold_stage_options, stack_unrolled, unstack_scanned
 
 StateDict = dict[str, np.ndarray]
 ModulePath = tuple[str, ...]
@@ -121,7 +122,7 @@ def _is_ode_resnet(model: nn.Module) -> bool:
 
 
 def _check_untied(model: ResNet) -> None:
-    if model.tied:
+    if model.stage.tied:
         raise ValueError(
             "tied=True: a tied stage holds one weight set for all its identical blocks, torchvision one per "
             "block; convert with tied=False"
@@ -275,7 +276,7 @@ def to_torchvision(name: str, variables: Mapping[str, Any], **options: Any) -> S
                 f"scheme={get_scheme(model.scheme).name!r} has learnable knobs {list(knob_names)} (layer{{s}}/knobs) "
                 "that torchvision's ResNet cannot hold; export a knob-free scheme such as 'euler'"
             )
-        if model.scan:
+        if model.stage.scan:
             params, stats = unstack_scanned(params), unstack_scanned(stats)
     state: StateDict = {}
     for path, leaves in _module_paths(params):
@@ -328,9 +329,10 @@ def from_torchvision(
     """
     probe = create(name, **options)
     knob_raw = _knob_raw_values(probe, knobs)
-    if _is_ode_resnet(probe) and probe.scan:
+    if _is_ode_resnet(probe) and probe.stage.scan:
         # Convert into the unrolled layout, then stack each stage's identical blocks.
-        unrolled = from_torchvision(name, state_dict, strict=strict, knobs=knobs, **{**options, "scan": False})
+        unrolled_options = {**fold_stage_options(options), "stage": dataclasses.replace(probe.stage, scan=False)}
+        unrolled = from_torchvision(name, state_dict, strict=strict, knobs=knobs, **unrolled_options)
         return {collection: stack_unrolled(tree) for collection, tree in unrolled.items()}
     _, size_keys = _family(probe)
     for option, key in size_keys.items():

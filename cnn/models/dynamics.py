@@ -1,8 +1,8 @@
 """Residual networks read as integrators of a learned, time-invariant vector field.
 
 A residual step `x_{t+1} = x_t + h F(x_t)` is forward Euler for `x' = F(x)`. An `Integrator` is
-one residual function `F_theta` shared by every step (`cnn.ode.ODEStage(tied=True)`, one
-block), stepped by a scheme (`Scheme.step`, the code the classification networks run) and
+one residual function `F_theta` shared by every step (a `cnn.ode.ODEStage` of one block with
+`StageOptions(tied=True)`), stepped by a scheme (`Scheme.step`, the code the classification networks run) and
 rolled out in time. Two registered models:
 
     model = cnn.models.create("mlp_integrator", scheme="rk4", h=0.1, hidden=(64, 64), context=1)
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn.models.registry import register
-from cnn.ode import History, ODEStage, Scheme, get_scheme
+from cnn.ode import History, ODEStage, Scheme, StageOptions, get_scheme
 from cnn.ode.schemes import START_MODES as SCHEME_START_MODES
 
 START_MODES = ("data",) + tuple(SCHEME_START_MODES)
@@ -132,8 +132,9 @@ class Integrator(nn.Module):
                 f"scheme {get_scheme(self.scheme).name!r} needs {need} true past states but context={self.context}; "
                 f"set context >= {need}"
             )
+        options = StageOptions(tied=True, scan=False, start="euler" if self.start == "data" else self.start)
         self.stage = ODEStage(scheme=self.scheme, block=_Field(self.field, self.field_options), num_blocks=1,
-                              tied=True, scan=False, start="euler" if self.start == "data" else self.start)
+                              options=options)
 
     def rollout(self, past: jax.Array, horizon: int, *, train: bool = False) -> jax.Array:
         """`horizon` steps from the true states `past [batch, context + 1, *state]` (the last is

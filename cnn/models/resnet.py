@@ -47,8 +47,10 @@ stage as a `cnn.ode.ODEStage` stepping the same residual modules, each step foll
   given by `start`: "euler" (default) `x_1 = x_0 + h F_0(x_0)`, or "copy" (the missing past is
   `x_0` itself; see `cnn.ode.schemes`), then ReLU. Stage 1 of ResNet-18/34 has no transition, so
   its block 0 is a plain (non-entry) step that starts the scheme.
-- `tied`, `scan`, `remat`, `final_survival` (stochastic depth, survival linear in depth over all
-  `sum(stage_sizes)` blocks): see `ResNet` and `cnn.ode.stage`.
+- `tied`, `scan`, `remat`, `start`, `history_at_entry`, `per_evaluation_stats`: the ResNet's
+  `stage` field, a `cnn.ode.StageOptions` (the factories also take them flat, `scan=False`);
+  `final_survival` (stochastic depth, survival linear in depth over all `sum(stage_sizes)`
+  blocks): see `ResNet` and `cnn.ode.stage`.
 
 The residual and projection modules take `(features, strides, zero_init_last_bn, bn_axis_name,
 dtype, param_dtype)` and are called as `module(x, train=...)`, so `functools.partial(
@@ -79,8 +81,8 @@ import jax.numpy as jnp
 from cnn.models.layers import MaxPool, check_image_input, check_input, kaiming_fan_out, torch_linear_init
 from cnn.models.registry import register
 from cnn.ode.norm import EvaluationBatchNorm
-from cnn.ode.schemes import START_MODES, Scheme, get_scheme
-from cnn.ode.stage import HISTORY_MODES, ODEStage, linear_drop_path_rates
+from cnn.ode.schemes import Scheme, get_scheme
+from cnn.ode.stage import ODEStage, StageOptions, fold_stage_options, linear_drop_path_rates
 from cnn.ops.conv import conv_general_dilated
 
 Dtype = Any
@@ -257,39 +259,30 @@ class ResNet(nn.Module):
       num_classes: output classes.
       zero_init_last_bn: zero-init the last BN scale of each residual branch (Goyal et al. 2017),
         so every block starts as the identity map.
-      remat: rematerialize residual modules (scheme steps with a scheme) to save activation memory.
       stage_sizes: override the blocks per stage (default from `depth`).
       bn_axis_name: pmap/shard axis over which BatchNorm averages its statistics, if any.
       dtype: computation dtype; param_dtype: parameter storage dtype.
       scheme: None (torchvision layout, `ResNetStage`), or a `cnn.ode.Scheme` / scheme name
         ("euler", "lm", "rk2", "rk4", "ab2", ...; `cnn.ode.available_schemes()`). Scheme options
         (`h`, `k_init`, ...) go through `create(..., scheme_options={...})` or `get_scheme`.
-      scan: with a scheme, run each stage's identical blocks under `nn.scan` (compile time
-        independent of depth); False unrolls them (same function, `blocks_{i}` layout).
-      tied: with a scheme, share the residual weights over each stage's identical blocks.
-      start, history_at_entry: `cnn.ode.ODEStage` options for multistep schemes (defaults: the
-        LM-ResNet paper's "euler" / "restart").
+      stage: `cnn.ode.StageOptions` of the four stages (tied, scan, remat, start,
+        history_at_entry, per_evaluation_stats; defaults: the LM-ResNet paper's). Without a
+        scheme only `remat` (rematerialize each residual module) applies, `scan` is ignored and
+        the others must keep their defaults. `imagenet_resnet` also takes them flat (`scan=False`).
       final_survival: with a scheme, stochastic depth: survival probability of the last block
         (1 = off), linear in depth over all `sum(stage_sizes)` blocks; rng stream "dropout".
-      per_evaluation_stats: with a multi-evaluation scheme (RK stages, implicit sweeps), BatchNorm
-        running statistics per evaluation of `F` (`cnn.ode.norm`); False shares them.
     """
 
     depth: int = 50
     num_classes: int = 1000
     zero_init_last_bn: bool = False
-    remat: bool = False
     stage_sizes: Sequence[int] | None = None
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scheme: Scheme | str | None = None
-    scan: bool = True
-    tied: bool = False
-    start: str = "euler"
-    history_at_entry: str = "restart"
+    stage: StageOptions = StageOptions()
     final_survival: float = 1.0
-    per_evaluation_stats: bool = True
 
     canonical_input_shape: ClassVar[tuple[int, int, int]] = (224, 224, 3)
 
@@ -298,12 +291,16 @@ class ResNet(nn.Module):
             raise ValueError(f"depth={self.depth!r} is not an ImageNet ResNet depth; valid: {sorted(STAGE_SIZES)}")
         if self.stage_sizes is not None and (len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1):
             raise ValueError(f"stage_sizes={self.stage_sizes!r} must be 4 positive block counts")
+        if not isinstance(self.stage, StageOptions):
+            raise ValueError(
+                f"stage={self.stage!r}: expected a cnn.ode.StageOptions (imagenet_resnet converts a mapping)"
+            )
         if self.scheme is None:
             # These options belong to ODEStage; silently ignoring them would train another network.
-            ode_only = {"tied": (self.tied, False), "start": (self.start, "euler"),
-                        "history_at_entry": (self.history_at_entry, "restart"),
-                        "final_survival": (self.final_survival, 1.0),
-                        "per_evaluation_stats": (self.per_evaluation_stats, True)}
+            defaults = StageOptions()
+            ode_only = {name: (getattr(self.stage, name), getattr(defaults, name))
+                        for name in ("tied", "start", "history_at_entry", "per_evaluation_stats")}
+            ode_only["final_survival"] = (self.final_survival, 1.0)
             for option, (value, default) in ode_only.items():
                 if value != default:
                     raise ValueError(
@@ -312,10 +309,6 @@ class ResNet(nn.Module):
                     )
         else:
             get_scheme(self.scheme)  # unknown names raise here, at construction
-            if self.start not in START_MODES:
-                raise ValueError(f"start={self.start!r}: must be one of {START_MODES}")
-            if self.history_at_entry not in HISTORY_MODES:
-                raise ValueError(f"history_at_entry={self.history_at_entry!r}: must be one of {HISTORY_MODES}")
             linear_drop_path_rates(sum(self.sizes), self.final_survival)  # validates final_survival
         super().__post_init__()
 
@@ -363,7 +356,7 @@ class ResNet(nn.Module):
         for stage, (num_blocks, features) in enumerate(zip(self.sizes, STAGE_FEATURES)):
             x = ResNetStage(
                 residual=self.residual, num_blocks=num_blocks, features=features, strides=1 if stage == 0 else 2,
-                zero_init_last_bn=self.zero_init_last_bn, remat=self.remat, bn_axis_name=self.bn_axis_name,
+                zero_init_last_bn=self.zero_init_last_bn, remat=self.stage.remat, bn_axis_name=self.bn_axis_name,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer{stage + 1}",
             )(x, train=train)
         return x
@@ -388,14 +381,9 @@ class ResNet(nn.Module):
                 entry_block=functools.partial(residual, strides=strides) if transition else None,
                 entry_shortcut=functools.partial(Projection, features=width, strides=strides, **layers)
                 if transition else None,
-                tied=self.tied,
-                scan=self.scan,
-                remat=self.remat,
-                start=self.start,
-                history_at_entry=self.history_at_entry,
+                options=self.stage,
                 drop_path_rates=tuple(rates[first_block : first_block + num_blocks]),
                 step_activation=nn.relu,
-                per_evaluation_stats=self.per_evaluation_stats,
                 param_dtype=self.param_dtype,
                 name=f"layer{stage + 1}",
             )(x, history, train=train)
@@ -423,8 +411,10 @@ def imagenet_resnet(
     **options: Any,
 ) -> ResNet:
     """Builds a `ResNet`; `scheme_options` go to `cnn.ode.get_scheme` (e.g. `{"h": 0.5}`,
-    `{"k_init": (-0.1, 0.0), "constrain": True}`); other options are `ResNet` attributes."""
-    return ResNet(depth=depth, scheme=_resolve_scheme(scheme, scheme_options), **options)
+    `{"k_init": (-0.1, 0.0), "constrain": True}`); other options are `ResNet` attributes, except
+    that the `cnn.ode.StageOptions` fields may come flat (`scan=False`, `remat=True`) and `stage`
+    may be a mapping (`fold_stage_options`)."""
+    return ResNet(depth=depth, scheme=_resolve_scheme(scheme, scheme_options), **fold_stage_options(options))
 
 
 def _resnet_constructor(depth: int):

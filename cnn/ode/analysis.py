@@ -777,7 +777,7 @@ def block_spectra(
     any scheme): the leading eigenvalues of dF_t/dx at the state `x_t` the block's step sees on
     the batch `x`, with the block's stability region.
 
-    The network runs once in eval mode with its identical blocks unrolled (`scan=False`,
+    The network runs once in eval mode with its identical blocks unrolled (`StageOptions.scan=False`,
     variables converted by `cnn.ode.stage.unstack_scanned`); an interceptor records every
     `SchemeStep` call: its input state `x_t`, knob values (learned `k_t`), whether it is the
     stage's start step, and its residual module and variables. `F_t` is then that module applied
@@ -786,7 +786,7 @@ def block_spectra(
     after each step is not part of F (the ODE reading is of the pure scheme).
 
     Args:
-      model: the Flax model (with `scan` / `remat` attributes if it has them: both are turned off).
+      model: the Flax model (`scan` and `remat` of its `StageOptions` fields, if any, are turned off).
       variables: its `{"params", "batch_stats"}` (scanned or unrolled layout).
       x: `[batch, height, width, channels]` inputs (e.g. test images).
       num_steps: Arnoldi steps per block (clipped to the dimension per example).
@@ -799,10 +799,14 @@ def block_spectra(
     """
     import flax.linen as nn
 
-    from cnn.ode.stage import SchemeStep, unstack_scanned
+    from cnn.ode.stage import SchemeStep, StageOptions, unstack_scanned
 
-    options = {name: False for name in ("scan", "remat") if hasattr(model, name)}
-    unrolled = model.clone(**options) if options else model
+    # unrolled and without remat wherever the model keeps StageOptions (`stage`, an ODEStage's `options`)
+    unrolled_options = {
+        field.name: dataclasses.replace(getattr(model, field.name), scan=False, remat=False)
+        for field in dataclasses.fields(model) if isinstance(getattr(model, field.name, None), StageOptions)
+    }
+    unrolled = model.clone(**unrolled_options) if unrolled_options else model
     unrolled_variables = unstack_scanned(dict(variables))
     records: list[dict[str, Any]] = []
 

@@ -686,13 +686,15 @@ def available_schemes() -> list[str]:
     return sorted(set(CATALOGUE) | set(ALIASES))
 
 
-def get_scheme(name: str | Scheme, **options: Any) -> Scheme:
+def get_scheme(name: str | Mapping[str, Any] | SchemeSpec | Scheme, **options: Any) -> Scheme:
     """A scheme by name, e.g. `get_scheme("lm", k_init=(-0.1, 0.0), constrain=True)`.
 
     Names: euler (alias resnet, forward_euler), lm, lm_fixed, midpoint (alias rk2), heun, rk4,
     ab2, leapfrog, backward_euler (alias implicit_euler), two_step. Every scheme takes `h`; the
     other options are the keyword arguments of the constructor of the same name in this module.
-    A `Scheme` passes through unchanged (with no options).
+    A `Scheme` passes through unchanged (with no options). A config's scheme value (a mapping
+    `{"name": "lm", "constrain": True}` or a `SchemeSpec`, see `SchemeSpec.parse`) is accepted
+    too; `options` then add to its own.
 
     Raises:
       ValueError: unknown name, unknown option (the message names it and lists the valid ones),
@@ -702,8 +704,14 @@ def get_scheme(name: str | Scheme, **options: Any) -> Scheme:
         if options:
             raise ValueError(f"options {sorted(options)} cannot be applied to an already built Scheme {name.name!r}")
         return name
+    if isinstance(name, (Mapping, SchemeSpec)) or hasattr(name, "to_dict"):
+        spec = SchemeSpec.parse(name)
+        both = sorted(set(spec.options) & set(options))
+        if both:
+            raise ValueError(f"scheme option(s) {both} given twice: in the scheme value {name!r} and as keywords")
+        return get_scheme(spec.name, **spec.options, **options)
     if not isinstance(name, str):
-        raise ValueError(f"scheme={name!r}: expected a scheme name or a Scheme")
+        raise ValueError(f"scheme={name!r}: expected a scheme name, a mapping with a 'name', or a Scheme")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in CATALOGUE:
         raise ValueError(f"unknown scheme name={name!r}; valid names: {', '.join(available_schemes())}")
@@ -715,6 +723,94 @@ def get_scheme(name: str | Scheme, **options: Any) -> Scheme:
     return constructor(**options)
 
 
+@dataclasses.dataclass(frozen=True)
+class SchemeSpec:
+    """A scheme and its options as one config value: what an experiment config writes at its one
+    scheme address (`config.schemes[i]` of a scheme comparison or a dynamics experiment,
+    `config.variants[v].scheme` of an ablation).
+
+    The value is a name (`"lm"`) or a mapping of a name, the scheme's options and an optional
+    label: `{"name": "backward_euler", "iterations": 20, "tolerance": 1e-3}`, `{"name": "lm",
+    "constrain": True, "label": "lm_constrained"}`. The label names the cells and table rows
+    (default: the name); two specs of one experiment need distinct labels.
+
+    Attributes:
+      name: a scheme name for `get_scheme` (as written; aliases allowed).
+      options: the scheme's keyword options (`h`, `k_init`, `iterations`, ...), a plain dict.
+      label: the row / cell label.
+    """
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | SchemeSpec) -> SchemeSpec:
+        """A `SchemeSpec` from a config value (a name, a mapping or a spec); checks the name and
+        the options by building the scheme once, so a typo fails when the config is read."""
+        if isinstance(value, SchemeSpec):
+            return value
+        value = _plain(value)  # a ConfigDict is not a Mapping
+        if isinstance(value, str):
+            spec = cls(name=value, options={}, label=value)
+        elif isinstance(value, Mapping):
+            fields = {key: _plain(item) for key, item in dict(value).items()}
+            name = fields.pop("name", None)
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"scheme value {dict(value)!r} has no 'name': write e.g. "
+                                 "{'name': 'backward_euler', 'iterations': 20}")
+            label = fields.pop("label", name)
+            if not isinstance(label, str) or not label or any(c in label for c in "/\\ "):
+                raise ValueError(f"scheme label={label!r}: expected a non-empty name without spaces or slashes "
+                                 "(it names run directories)")
+            spec = cls(name=name, options=fields, label=label)
+        else:
+            raise ValueError(f"scheme value {value!r} ({type(value).__name__}): expected a scheme name or a mapping "
+                             "like {'name': 'lm', 'constrain': True}")
+        get_scheme(spec.name, **spec.options)
+        return spec
+
+    def build(self) -> Scheme:
+        """The `Scheme` this value names."""
+        return get_scheme(self.name, **self.options)
+
+    def model_options(self) -> dict[str, Any]:
+        """The model keywords that build a network with this scheme: `{"scheme": name}` and,
+        with options, `{"scheme_options": {...}}` (what `cnn.models.create` takes)."""
+        return {"scheme": self.name, **({"scheme_options": dict(self.options)} if self.options else {})}
+
+
+def _plain(value: Any) -> Any:
+    """Config containers as plain Python: ConfigDict / mappings to dicts, lists to tuples."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+def scheme_specs(values: Any) -> tuple[SchemeSpec, ...]:
+    """The specs of a config's scheme list (`config.schemes`), with distinct labels.
+
+    Raises:
+      ValueError: an empty list, an invalid value (see `SchemeSpec.parse`), or two specs with one
+        label (give one of them a `"label"`).
+    """
+    if isinstance(values, (str, Mapping)) or values is None:
+        raise ValueError(f"schemes={values!r}: expected a tuple of scheme values, e.g. ('euler', 'lm')")
+    specs = tuple(SchemeSpec.parse(value) for value in values)
+    if not specs:
+        raise ValueError("schemes is empty; name at least one scheme (e.g. ('euler',))")
+    labels = [spec.label for spec in specs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"schemes have the label(s) {repeated} more than once; give each variant its own "
+                         "'label', e.g. {'name': 'lm', 'constrain': True, 'label': 'lm_constrained'}")
+    return specs
+
+
 __all__ = [
     "ALIASES",
     "CATALOGUE",
@@ -724,6 +820,7 @@ __all__ = [
     "History",
     "Knob",
     "Scheme",
+    "SchemeSpec",
     "ab2",
     "available_schemes",
     "backward_euler",
@@ -735,5 +832,6 @@ __all__ = [
     "lm_fixed",
     "midpoint",
     "rk4",
+    "scheme_specs",
     "two_step",
 ]

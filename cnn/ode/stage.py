@@ -21,48 +21,21 @@ call normalizes with its own batch statistics; one running average would mix all
 eval-mode accuracy of such schemes fell far below their training accuracy (measured:
 experiments/RESULTS.md, section 2b). So the stage numbers the evaluations of each step and
 passes `evaluation=k` to blocks that take it, whose `cnn.ode.EvaluationBatchNorm`s keep running
-statistics per evaluation (`per_evaluation_stats`, below). Single-evaluation schemes are
+statistics per evaluation (`StageOptions.per_evaluation_stats`). Single-evaluation schemes are
 unaffected.
 
-Options:
-- `start` ("euler" | "copy"): how the first step of a multistep scheme is taken (see
-  `cnn.ode.schemes`); it applies to block 0 when the stage receives no history.
-- `history_at_entry` ("restart" | "project"): at a shape-changing block 0, "restart" discards
-  the incoming history and takes the start step `x_1 = S(x_0) + h F_0(x_0)` (the history
-  becomes `(S(x_0), F_0(x_0))`); "project" maps the incoming past into the new shape and
-  applies the scheme's own formula: past states through `S` itself, past derivatives (tangent
-  vectors) through the linear part of `S`, its differential at `x_0` -- for an affine `S`
-  (option A's subsample-and-pad, a 1x1 conv, conv + BatchNorm in eval mode) exactly `S`
-  without its bias; in training mode a BatchNorm's batch statistics make `S` non-linear and
-  the differential is taken at the current batch. These extra calls of `S` update no BatchNorm
-  statistics (only `S(x_0)` does, once). Runge-Kutta schemes always take the Euler step at a
-  transition. Default "restart" with `start="euler"` is what the LM-ResNet reference code does
-  (`cnn.ode.schemes.lm`). A stage without an entry block continues the history it is given in
-  both modes.
+Options. What a network passes through to every stage unchanged is one `StageOptions` value
+(`ODEStage(..., options=StageOptions(tied=True))`; a ResNet family carries it as its `stage`
+field): `tied`, `scan`, `remat`, `start`, `history_at_entry`, `per_evaluation_stats`, each
+documented on its field. The stage's own fields, which a network sets per stage:
 - `takes_history`: False declares that the stage is always called without a history (a
   network's first stage): its block 0 always takes the start step, so (with `start="euler"`)
   no knob is created for it, and passing a history raises.
-- `tied`: share the residual function's weights over the identical blocks (a time-invariant
-  ODE; depth N with `h = T/N` approximates the flow to time T). BatchNorm statistics are then
-  shared too, so `F` is the same function at every step (in training they are carried through
-  the scan, so they must keep their dtype: flax stores them in float32, which suits float32 and
-  bfloat16 compute but not float64 compute with float32 statistics). With an entry block, block
-  0 keeps its own weights.
 - `drop_path_rates`: stochastic depth, one drop probability per block. In training each
   sample's `F_t` is replaced by `mask / (1 - rate) * F_t` with `mask ~ Bernoulli(1 - rate)`
   (rng stream "dropout"), so e.g. LM-ResNet becomes `x_{t+1} = (1-k) x_t + k x_{t-1} + h m F`.
 - `step_activation`: applied to each step's result (`nn.relu` gives He et al.'s original
   post-activation ResNet, `x_{t+1} = relu(x_t + F(x_t))`); None is the pure scheme.
-- `scan`: True runs the identical blocks under `nn.scan` (compile time independent of depth);
-  False unrolls them into modules `blocks_0 .. blocks_{M-1}` with identical results. Convert
-  parameters between the layouts with `stack_unrolled` / `unstack_scanned`.
-- `remat`: recompute each step's activations in the backward pass.
-- `per_evaluation_stats`: schemes that evaluate `F` several times per step (Runge-Kutta stages,
-  implicit sweeps) number those evaluations `0, 1, ...` and pass `evaluation=k` to blocks whose
-  `__call__` takes it; their `cnn.ode.EvaluationBatchNorm`s then keep running statistics per
-  evaluation (`batch_stats/.../eval{k}/{mean,var}` for k >= 1), sharing scale and bias. A
-  single shared average mixes differently distributed inputs and spoils eval mode (see
-  `cnn.ode.norm`). False restores shared statistics; one-evaluation schemes are unaffected.
 
 Implicit steps (backward Euler): `Scheme.step` sweeps to the scheme's `tolerance` (at most
 `iterations` sweeps, masked after convergence, so the step stays jit-able and
@@ -90,6 +63,7 @@ gradient is 0. `fit_knob_layout` converts parameter trees saved with a knob for 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -120,6 +94,129 @@ def linear_drop_path_rates(num_blocks: int, final_survival: float) -> tuple[floa
     if not 0.0 < final_survival <= 1.0:
         raise ValueError(f"final_survival={final_survival}: must be in (0, 1]")
     return tuple(float(l / num_blocks * (1.0 - final_survival)) for l in range(1, num_blocks + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptions:
+    """The `ODEStage` options a network passes through to every stage unchanged (hashable, so it
+    can be a Flax module field). Defaults: the LM-ResNet reference code's ("euler", "restart").
+
+    A network family carries one `stage: StageOptions` field; its factory also takes the fields
+    as flat keywords (`scan=False`) and folds them in (`fold_stage_options`).
+
+    Raises:
+      ValueError: at construction, a field has a value it cannot take (`validate`).
+    """
+
+    tied: bool = False
+    """Share the residual function's weights over the identical blocks (a time-invariant ODE;
+    depth N with `h = T/N` approximates the flow to time T). BatchNorm statistics are then shared
+    too, so `F` is the same function at every step (in training they are carried through the
+    scan, so they must keep their dtype: flax stores them in float32, which suits float32 and
+    bfloat16 compute but not float64 compute with float32 statistics). With an entry block,
+    block 0 keeps its own weights."""
+
+    scan: bool = True
+    """True runs the identical blocks under `nn.scan` (compile time independent of depth); False
+    unrolls them into modules `blocks_0 .. blocks_{M-1}` with identical results. Convert
+    parameters between the layouts with `stack_unrolled` / `unstack_scanned`."""
+
+    remat: bool = False
+    """Recompute each step's activations in the backward pass (less memory, more compute)."""
+
+    start: str = "euler"
+    """How the first step of a multistep scheme is taken, one of `START_MODES` ("euler" |
+    "copy"; see `cnn.ode.schemes`); it applies to block 0 when the stage receives no history."""
+
+    history_at_entry: str = "restart"
+    """One of `HISTORY_MODES`. At a shape-changing block 0, "restart" discards the incoming
+    history and takes the start step `x_1 = S(x_0) + h F_0(x_0)` (the history becomes
+    `(S(x_0), F_0(x_0))`); "project" maps the incoming past into the new shape and applies the
+    scheme's own formula: past states through `S` itself, past derivatives (tangent vectors)
+    through the linear part of `S`, its differential at `x_0` -- for an affine `S` (option A's
+    subsample-and-pad, a 1x1 conv, conv + BatchNorm in eval mode) exactly `S` without its bias;
+    in training mode a BatchNorm's batch statistics make `S` non-linear and the differential is
+    taken at the current batch. These extra calls of `S` update no BatchNorm statistics (only
+    `S(x_0)` does, once). Runge-Kutta schemes always take the Euler step at a transition.
+    "restart" with `start="euler"` is what the LM-ResNet reference code does
+    (`cnn.ode.schemes.lm`). A stage without an entry block continues the history it is given in
+    both modes."""
+
+    per_evaluation_stats: bool = True
+    """Schemes that evaluate `F` several times per step (Runge-Kutta stages, implicit sweeps)
+    number those evaluations `0, 1, ...` and pass `evaluation=k` to blocks whose `__call__` takes
+    it; their `cnn.ode.EvaluationBatchNorm`s then keep running statistics per evaluation
+    (`batch_stats/.../eval{k}/{mean,var}` for k >= 1), sharing scale and bias. A single shared
+    average mixes differently distributed inputs and spoils eval mode (see `cnn.ode.norm`).
+    False restores shared statistics; one-evaluation schemes are unaffected."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field whose value is not one it can take."""
+        for name in ("tied", "scan", "remat", "per_evaluation_stats"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}={value!r}: must be True or False")
+        if self.start not in START_MODES:
+            raise ValueError(f"start={self.start!r}: must be one of {START_MODES}")
+        if self.history_at_entry not in HISTORY_MODES:
+            raise ValueError(f"history_at_entry={self.history_at_entry!r}: must be one of {HISTORY_MODES}")
+
+    @classmethod
+    def from_value(cls, value: StageOptions | Mapping[str, Any] | None) -> StageOptions:
+        """`value` as `StageOptions`: itself, the defaults for None, or built from a mapping
+        (e.g. a config's `{"scan": False}`); raises ValueError naming unknown keys."""
+        if value is None or isinstance(value, cls):
+            return cls() if value is None else value
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"stage={value!r}: expected a StageOptions, a mapping of its fields "
+                f"({', '.join(STAGE_OPTIONS)}) or None"
+            )
+        unknown = sorted(set(value) - set(STAGE_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"stage={dict(value)!r}: unknown option(s) {unknown}; StageOptions takes {list(STAGE_OPTIONS)}"
+            )
+        return cls(**value)
+
+
+STAGE_OPTIONS = tuple(field.name for field in dataclasses.fields(StageOptions))  # the flat keyword names
+
+
+def fold_stage_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A network factory's keywords with the stage options folded into one `stage` entry.
+
+    `options` may hold the `StageOptions` fields as flat keywords (`scan=False`, as configs and
+    callers pass them) and/or `stage` (a `StageOptions`, a mapping of its fields, or None). The
+    result holds every other keyword unchanged plus `stage: StageOptions` (flat keywords
+    override the defaults or fill the keys a `stage` mapping leaves out).
+
+    Raises:
+      ValueError: an option is given both flat and in `stage` (a `StageOptions` value sets every
+        option), or `stage` is not a valid `StageOptions` / mapping.
+    """
+    rest = {name: value for name, value in options.items() if name != "stage" and name not in STAGE_OPTIONS}
+    flat = {name: options[name] for name in STAGE_OPTIONS if name in options}
+    given = options.get("stage")
+    if isinstance(given, StageOptions):
+        both = list(flat)
+    elif isinstance(given, Mapping):
+        both = [name for name in flat if name in given]
+    else:
+        both = []
+    if both:
+        name = both[0]
+        inside = getattr(given, name) if isinstance(given, StageOptions) else given[name]
+        raise ValueError(
+            f"{name}={flat[name]!r} and stage.{name}={inside!r} are both given; set {name} in one place: "
+            "the flat keyword or stage"
+        )
+    stage = StageOptions.from_value(given)
+    rest["stage"] = dataclasses.replace(stage, **flat) if flat else stage
+    return rest
 
 
 def takes_evaluation(module: nn.Module) -> bool:
@@ -346,8 +443,8 @@ class ODEStage(nn.Module):
       num_blocks: number of blocks N including the entry block.
       entry_block: factory of block 0 when it changes shape (needs `entry_shortcut`), else None.
       entry_shortcut: factory of S for block 0, `__call__(x, *, train)`.
-      tied, scan, remat, start, history_at_entry, takes_history, drop_path_rates,
-        step_activation, per_evaluation_stats: see above.
+      options: `StageOptions` (tied, scan, remat, start, history_at_entry, per_evaluation_stats).
+      takes_history, drop_path_rates, step_activation: see the module docstring.
       param_dtype: dtype of the knob parameters.
     """
 
@@ -356,24 +453,25 @@ class ODEStage(nn.Module):
     num_blocks: int
     entry_block: ModuleDef | None = None
     entry_shortcut: ModuleDef | None = None
-    tied: bool = False
-    scan: bool = True
-    remat: bool = False
-    start: str = "euler"
-    history_at_entry: str = "restart"
+    options: StageOptions = StageOptions()
     takes_history: bool = True
     drop_path_rates: tuple[float, ...] = ()
     step_activation: Callable[[jnp.ndarray], jnp.ndarray] | None = None
-    per_evaluation_stats: bool = True
     param_dtype: Any = jnp.float32
 
     def first_block_uses_no_knob(self) -> bool:
         """Whether block 0 always takes the start step (so its knobs are never read and not
         created): with `start="euler"`, an entry block under "restart", or `takes_history=False`."""
         has_entry = self.entry_block is not None
-        return self.start == "euler" and ((has_entry and self.history_at_entry == "restart") or not self.takes_history)
+        restarts = has_entry and self.options.history_at_entry == "restart"
+        return self.options.start == "euler" and (restarts or not self.takes_history)
 
     def _validate(self) -> None:
+        if not isinstance(self.options, StageOptions):
+            raise ValueError(
+                f"options={self.options!r}: expected a StageOptions (e.g. StageOptions(scan=False)); "
+                "StageOptions.from_value converts a mapping"
+            )
         if not (isinstance(self.num_blocks, int) and self.num_blocks >= 1):
             raise ValueError(f"num_blocks={self.num_blocks!r}: must be an integer >= 1")
         if (self.entry_block is None) != (self.entry_shortcut is None):
@@ -382,10 +480,6 @@ class ODEStage(nn.Module):
                 f"S that maps x_0 to its output shape (got entry_block={self.entry_block!r}, "
                 f"entry_shortcut={self.entry_shortcut!r})"
             )
-        if self.start not in START_MODES:
-            raise ValueError(f"start={self.start!r}: must be one of {START_MODES}")
-        if self.history_at_entry not in HISTORY_MODES:
-            raise ValueError(f"history_at_entry={self.history_at_entry!r}: must be one of {HISTORY_MODES}")
         rates = tuple(self.drop_path_rates)
         if rates and len(rates) != self.num_blocks:
             raise ValueError(
@@ -432,13 +526,14 @@ class ODEStage(nn.Module):
         def xs_at(i: int, first: Any) -> tuple[Any, ...]:
             return ({k: v[i] for k, v in knobs.items()}, rates[i], None if keys is None else keys[i], first)
 
-        step_cls = nn.remat(SchemeStep) if self.remat else SchemeStep
-        common = dict(scheme=scheme, train=train, start=self.start, drop_path=drop_path,
-                      step_activation=self.step_activation, per_evaluation_stats=self.per_evaluation_stats)
+        options = self.options
+        step_cls = nn.remat(SchemeStep) if options.remat else SchemeStep
+        common = dict(scheme=scheme, train=train, start=options.start, drop_path=drop_path,
+                      step_activation=self.step_activation, per_evaluation_stats=options.per_evaluation_stats)
 
         index = 0
         if has_entry:
-            incoming = history if self.history_at_entry == "project" else None
+            incoming = history if options.history_at_entry == "project" else None
             entry = step_cls(block=self.entry_block, shortcut=self.entry_shortcut, name="entry", **common)
             (x, history), _ = entry((x, incoming), xs_at(0, incoming is None))
             index = 1
@@ -451,10 +546,10 @@ class ODEStage(nn.Module):
         if history is None:
             history = scheme.empty_history(x)
 
-        if self.tied:
+        if options.tied:
             # One module, used at every step. During init (and when unrolled) it is simply called
             # N times; under scan its params are broadcast and its BatchNorm statistics carried.
-            if self.is_initializing() or not self.scan:
+            if self.is_initializing() or not options.scan:
                 tied = step_cls(block=self.block, name="tied_block", **common)
                 carry = (x, history)
                 for i in range(num_identical):
@@ -470,7 +565,7 @@ class ODEStage(nn.Module):
                 length=num_identical,
             )
             body = scanned(block=self.block, name="tied_block", **common)
-        elif self.scan:
+        elif options.scan:
             scanned = nn.scan(
                 step_cls,
                 variable_axes={"params": 0, "batch_stats": 0, DIAGNOSTICS: 0},
@@ -720,10 +815,13 @@ __all__ = [
     "DIAGNOSTICS",
     "HISTORY_MODES",
     "ODEStage",
+    "STAGE_OPTIONS",
     "SchemeKnobs",
     "SchemeStep",
+    "StageOptions",
     "count_f_evaluations",
     "fit_knob_layout",
+    "fold_stage_options",
     "implicit_scheme_label",
     "implicit_solve_stats",
     "knob_values",

@@ -27,6 +27,12 @@ Failures say what and where, at once:
     intact step is restored. If none is intact, `CheckpointError` names every step folder, what
     failed, and the fix. A checkpoint that does not fit the model (other layers or shapes: another
     config) raises `ConfigError` instead: every step of the run would fail the same way.
+
+Older layouts: a checkpoint written before a stage's first block stopped having a scheme knob
+(LM-ResNet's `k_t`: the first block takes an Euler step and never used it) holds one more knob
+value per stage, or a `knobs` subtree the model no longer has; it is restored through
+`cnn.ode.stage.fit_knob_layout` (the unused block-0 values dropped, in the parameters and in
+the optimizer state alike), with a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cnn.ode.norm import is_evaluation_name
+from cnn.ode.stage import fit_knob_layout
 from cnn.train.errors import CheckpointError, ConfigError, FileSystemError
 from cnn.train.rundir import ensure_writable
 from cnn.train.state import TrainState, state_to_tree, tree_to_state
@@ -232,26 +239,62 @@ class Checkpointer:
     def _restore_step(self, template: TrainState, step: int) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
         template_tree = jax.tree_util.tree_map(np.asarray, state_to_tree(template))
         try:
-            restored = self._manager.restore(
-                int(step),
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(template_tree),
-                    data=ocp.args.JsonRestore(),
-                    loop=ocp.args.JsonRestore(),
-                ),
-            )
+            restored = self._manager.restore(int(step), args=self._restore_args(template_tree))
         except ValueError as error:
             if "tree structures do not match" not in str(error):
                 raise
             detail = " ".join(str(error).split())
             detail = detail if len(detail) <= 300 else detail[:300] + "..."
-            raise ConfigError(self._misfit_message(step, detail, template_tree)) from error
-        tree = jax.tree_util.tree_map(np.asarray, restored.state)
-        misfits = _shape_mismatches(template_tree, tree)
-        if misfits:
-            raise ConfigError(self._misfit_message(step, "; ".join(misfits), template_tree))
-        state = tree_to_state(template, tree)
-        return state, dict(restored.data or {}), dict(restored.loop or {})
+            older = self._restore_older_knob_layout(step, template_tree)
+            if older is None:
+                raise ConfigError(self._misfit_message(step, detail, template_tree)) from error
+            tree, data, loop = older
+        else:
+            tree = jax.tree_util.tree_map(np.asarray, restored.state)
+            data, loop = dict(restored.data or {}), dict(restored.loop or {})
+            misfits = _shape_mismatches(template_tree, tree)
+            if misfits:
+                older = self._restore_older_knob_layout(step, template_tree)
+                if older is None:
+                    raise ConfigError(self._misfit_message(step, "; ".join(misfits), template_tree))
+                tree, data, loop = older
+        return tree_to_state(template, tree), data, loop
+
+    @staticmethod
+    def _restore_args(template_tree: Any = None) -> Any:
+        state = ocp.args.StandardRestore(template_tree) if template_tree is not None else ocp.args.StandardRestore()
+        return ocp.args.Composite(state=state, data=ocp.args.JsonRestore(), loop=ocp.args.JsonRestore())
+
+    def _restore_older_knob_layout(
+        self, step: int, template_tree: Any
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+        """Step `step` read as saved and fitted to the template by `fit_knob_layout` (the older
+        layout with a knob for every block), or None when it does not fit that way either."""
+        if not (_has_key(template_tree, "knobs") or _has_key(self._stored_tree(step), "knobs")):
+            return None
+        restored = self._manager.restore(int(step), args=self._restore_args())
+        stored = jax.tree_util.tree_map(np.asarray, restored.state)
+        try:
+            tree = fit_knob_layout(stored, template_tree)
+        except (ValueError, KeyError, TypeError):
+            return None
+        if _shape_mismatches(template_tree, tree):
+            return None
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} has the older scheme-knob layout (a knob for every block, "
+            "block 0's unused): restored through cnn.ode.stage.fit_knob_layout, which drops the unused values",
+            stacklevel=4,
+        )
+        return tree, dict(restored.data or {}), dict(restored.loop or {})
+
+    def _stored_tree(self, step: int) -> Any:
+        """The saved state's tree of array metadata (structure and shapes, no data); None when
+        it cannot be read (the restore that follows then names the problem)."""
+        try:
+            metadata = self._manager.item_metadata(int(step))["state"]
+        except Exception:  # noqa: BLE001 - Orbax raises many types on damaged metadata
+            return None
+        return getattr(metadata, "tree", metadata)
 
     def _misfit_message(self, step: int, detail: str, template_tree: Any) -> str:
         message = (
@@ -343,6 +386,13 @@ def _has_per_evaluation_stats(tree: Any) -> bool:
     """Whether a state tree holds per-evaluation BatchNorm statistics (`.../eval{k}/mean`)."""
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     return any(is_evaluation_name(getattr(key, "key", None)) for path, _ in paths for key in path)
+
+
+def _has_key(tree: Any, name: str) -> bool:
+    """Whether a nested mapping has a key `name` at any depth."""
+    if not isinstance(tree, Mapping):
+        return False
+    return any(key == name or _has_key(value, name) for key, value in tree.items())
 
 
 def _shape_mismatches(template_tree: Any, restored_tree: Any, limit: int = 3) -> list[str]:

@@ -37,29 +37,29 @@ def get_config():
     digits_training(config.train)
     config.baseline = "euler"
     config.variants = {
-        "euler": {"knob": "baseline", "model_options": {"scheme": "euler"}},
+        "euler": {"knob": "baseline", "scheme": "euler"},
         # Step size: h < 1 shrinks each residual update (a finer time grid on T = h * blocks).
-        "euler_h_half": {"knob": "step size h", "model_options": {"scheme": "euler", "scheme_options": {"h": 0.5}}},
-        "euler_h_quarter": {"knob": "step size h", "model_options": {"scheme": "euler", "scheme_options": {"h": 0.25}}},
+        "euler_h_half": {"knob": "step size h", "scheme": {"name": "euler", "h": 0.5}},
+        "euler_h_quarter": {"knob": "step size h", "scheme": {"name": "euler", "h": 0.25}},
         # LM-ResNet: k_t initialization and whether it is learned.
-        "lm": {"knob": "k_t", "model_options": {"scheme": "lm"}},
-        "lm_init_0": {"knob": "k_t", "model_options": {"scheme": "lm", "scheme_options": {"k_init": (0.0, 0.0)}}},
-        "lm_init_pos": {"knob": "k_t", "model_options": {"scheme": "lm", "scheme_options": {"k_init": (0.25, 0.35)}}},
+        "lm": {"knob": "k_t", "scheme": "lm"},
+        "lm_init_0": {"knob": "k_t", "scheme": {"name": "lm", "k_init": (0.0, 0.0)}},
+        "lm_init_pos": {"knob": "k_t", "scheme": {"name": "lm", "k_init": (0.25, 0.35)}},
         "lm_constrained": {
             "knob": "k_t",
-            "model_options": {"scheme": "lm", "scheme_options": {"constrain": True, "k_bounds": (-1.0, 1.0)}},
+            "scheme": {"name": "lm", "constrain": True, "k_bounds": (-1.0, 1.0)},
         },
-        "lm_fixed_neg": {"knob": "k_t fixed", "model_options": {"scheme": "lm_fixed", "scheme_options": {"k": -0.05}}},
-        "lm_fixed_pos": {"knob": "k_t fixed", "model_options": {"scheme": "lm_fixed", "scheme_options": {"k": 0.3}}},
+        "lm_fixed_neg": {"knob": "k_t fixed", "scheme": {"name": "lm_fixed", "k": -0.05}},
+        "lm_fixed_pos": {"knob": "k_t fixed", "scheme": {"name": "lm_fixed", "k": 0.3}},
         # Tied weights: one residual function per stage (a time-invariant vector field).
-        "euler_tied": {"knob": "tied weights", "model_options": {"scheme": "euler", "tied": True}},
-        "lm_tied": {"knob": "tied weights", "model_options": {"scheme": "lm", "tied": True}},
+        "euler_tied": {"knob": "tied weights", "scheme": "euler", "model_options": {"tied": True}},
+        "lm_tied": {"knob": "tied weights", "scheme": "lm", "model_options": {"tied": True}},
         # Depth at a fixed parameter count: with n >= 2 blocks per stage a tied stage holds one
         # entry block and one shared block, so depths 14, 20 and 32 have the same parameters.
-        "euler_tied_d14": {"knob": "depth, fixed params", "model_options": {"scheme": "euler", "tied": True, "depth": 14}},
-        "euler_tied_d32": {"knob": "depth, fixed params", "model_options": {"scheme": "euler", "tied": True, "depth": 32}},
+        "euler_tied_d14": {"knob": "depth, fixed params", "scheme": "euler", "model_options": {"tied": True, "depth": 14}},
+        "euler_tied_d32": {"knob": "depth, fixed params", "scheme": "euler", "model_options": {"tied": True, "depth": 32}},
         # Stochastic depth (survival linear in depth down to 0.5), with and without LM.
-        "euler_stochastic": {"knob": "stochastic depth", "model_options": {"scheme": "euler", "final_survival": 0.5}},
-        "lm_stochastic": {"knob": "stochastic depth", "model_options": {"scheme": "lm", "final_survival": 0.5}},
+        "euler_stochastic": {"knob": "stochastic depth", "scheme": "euler", "model_options": {"final_survival": 0.5}},
+        "lm_stochastic": {"knob": "stochastic depth", "scheme": "lm", "model_options": {"final_survival": 0.5}},
     }
     return config

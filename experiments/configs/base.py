@@ -13,14 +13,15 @@ def scheme_comparison() -> ml_collections.ConfigDict:
     """Fields every scheme-comparison config sets (`experiments/compare_schemes.py`)."""
     config = ml_collections.ConfigDict()
     config.name = "compare_schemes"
+    # The one scheme address: each entry a scheme name or a name with the scheme's options (and an
+    # optional row label), e.g. ("euler", {"name": "backward_euler", "iterations": 20,
+    # "tolerance": 1e-3}) -- `cnn.ode.SchemeSpec`.
     config.schemes = ("euler", "lm")
-    # Per-scheme options for cnn.ode.get_scheme, e.g. {"backward_euler": {"iterations": 2}}.
-    config.scheme_options = ml_collections.ConfigDict()
     config.depths = (20,)
     config.seeds = (0,)
     config.model = "cifar_resnet"
     config.model_options = ml_collections.ConfigDict({"width": 16})  # common to every cell
-    # Per-scheme model options on top, e.g. {"lm": {"preactivation": True, "shortcut": "B"}} for
+    # Per-scheme model options on top (keyed by label), e.g. {"lm": {"preactivation": True, "shortcut": "B"}} for
     # the LM-ResNet paper's networks next to He et al.'s original ResNets.
     config.scheme_model_options = ml_collections.ConfigDict()
     config.train = default_config()
@@ -47,6 +48,7 @@ def ablation() -> ml_collections.ConfigDict:
     config.name = "ablations"
     config.depth = 20
     config.baseline = "euler"
-    # name -> {"knob": group label, "model_options": {...cifar_resnet options...}}
+    # name -> {"knob": group label, "scheme": a scheme value as in `schemes`,
+    #          "model_options": {...other cifar_resnet options...}}
     config.variants = ml_collections.ConfigDict()
     return config

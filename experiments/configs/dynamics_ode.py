@@ -9,8 +9,15 @@ Pendulum initial states: |theta_0| <= 2, |omega_0| <= 0.5, so the energy stays b
 separatrix (E < 1): every trajectory swings, and the states along a rollout stay in the region
 the training trajectories cover. `config.train` holds the `cnn.train.fit` fields (optimizer,
 batch size, steps, model options; unset fields take `cnn.train.default_config()` values); the
-script adds the scheme, its options and `h = dt` to `config.train.model_options` per scheme.
+script adds each entry of `config.schemes` (a name, or a name with the scheme's options) and `h = dt` to `config.train.model_options` per scheme.
 `tiny` (seconds on a CPU; the tests use it): Euler and midpoint only, a smaller MLP, fewer steps.
+
+Backward Euler is solved, not swept a fixed number of times: fixed-point sweeps until the relative
+change `|z_{i+1} - z_i| / |z_{i+1}|` is at most 1e-6, at most 10 sweeps. At h = dt = 0.1 a sweep
+shrinks the error about tenfold (measured on the trained pendulum field: relative residual 3e-4
+after 3 sweeps, 3e-5 after 4, 2e-7 after 6), so the tolerance is met in about 6 sweeps; the former
+3 fixed sweeps left a residual near the one-step RMSE (4e-4), i.e. a different scheme at the
+accuracy the fit reaches.
 """
 
 import ml_collections
@@ -34,8 +41,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.refine = 4  # also roll out the learned F with step dt / refine (0: skip)
     config.data_seed = 0  # test trajectories use data_seed + 1
 
-    config.schemes = ("euler", "midpoint", "heun", "rk4", "ab2", "leapfrog", "lm", "backward_euler")
-    config.scheme_options = ml_collections.ConfigDict({"backward_euler": {"iterations": 3}})
+    # A scheme and its options are one value: a name, or {"name": ..., **options} (cnn.ode.SchemeSpec).
+    config.schemes = ("euler", "midpoint", "heun", "rk4", "ab2", "leapfrog", "lm",
+                      {"name": "backward_euler", "iterations": 10, "tolerance": 1e-6})  # solved (module docstring)
     config.start = "data"  # multistep history from the true past; or "euler" / "copy" (the scheme's start rule)
     config.train_horizon = 1  # steps per training window (1: teacher-forced one-step targets)
 

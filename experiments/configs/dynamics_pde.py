@@ -30,8 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "initial_fields": ("white_noise", "smooth"),
     })
     config.data_seed = 0
-    config.schemes = ("euler", "midpoint")
-    config.scheme_options = ml_collections.ConfigDict()
+    config.schemes = ("euler", "midpoint")  # names, or {"name": ..., **options} (cnn.ode.SchemeSpec)
     config.start = "data"
     config.train_horizon = 1
 

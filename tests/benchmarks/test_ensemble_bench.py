@@ -18,6 +18,7 @@ def test_ensemble_benchmark_quick(tmp_path):
     assert sorted(rows) == [1, 2]
     for row in rows.values():
         assert row["speedup"] == pytest.approx(row["separate_seconds_per_step"] / row["ensemble_seconds_per_step"])
+        assert row["map_speedup"] == pytest.approx(row["separate_seconds_per_step"] / row["map_seconds_per_step"])
         assert row["ensemble_images_per_second"] == pytest.approx(
             row["members"] * record["batch_size"] / row["ensemble_seconds_per_step"])
     saved = json.loads((tmp_path / "ensemble.json").read_text())

@@ -60,3 +60,21 @@ def test_bad_variants_are_rejected():
     config.variants.euler.depth = 14
     with pytest.raises(ValueError, match="unknown fields"):
         ablations.cells(config)
+    config = tiny_config(("euler",))
+    config.variants.euler.model_options = {"scheme": "lm"}  # the scheme has one address: variant.scheme
+    with pytest.raises(ValueError, match=r"variants.euler.model_options sets \['scheme'\]"):
+        ablations.cells(config)
+    config = tiny_config(("euler",))
+    del config.variants.euler["scheme"]
+    with pytest.raises(ValueError, match="variants.euler has no 'scheme'"):
+        ablations.cells(config)
+
+
+def test_a_variant_scheme_value_becomes_the_models_scheme_and_options():
+    config = tiny_config(("euler", "lm_constrained", "euler_tied"))
+    by_group = {cell.group: cell.overrides["model_options"] for cell in ablations.cells(config)}
+    assert by_group == {
+        "euler": {"depth": 8, "scheme": "euler"},
+        "lm_constrained": {"depth": 8, "scheme": "lm", "scheme_options": {"constrain": True, "k_bounds": (-1.0, 1.0)}},
+        "euler_tied": {"depth": 8, "scheme": "euler", "tied": True},
+    }

@@ -187,12 +187,31 @@ def test_unknown_cells_and_schemes_are_rejected():
         compare_schemes.cells(config)
 
 
+def test_a_scheme_and_its_options_are_one_entry_of_config_schemes():
+    config = tiny_config()
+    config.schemes = ("euler", {"name": "lm", "constrain": True, "label": "lm_constrained"},
+                      {"name": "backward_euler", "iterations": 3})
+    config.depths = (14,)
+    config.seeds = (0,)
+    by_name = {cell.name: cell for cell in compare_schemes.cells(config)}
+    assert set(by_name) == {"euler-d14-s0", "lm_constrained-d14-s0", "backward_euler-d14-s0"}
+    assert by_name["lm_constrained-d14-s0"].overrides["model_options"] == {
+        "depth": 14, "scheme": "lm", "scheme_options": {"constrain": True}}
+    assert by_name["backward_euler-d14-s0"].labels["scheme"] == "backward_euler"
+    # the F-evaluation count reads the options: 2 stages at depth 14 with 1 transition + 1 implicit block
+    # of 3 sweeps each, and stage 1 with 2 implicit blocks: 3 * 2 + (1 + 3) * 2 = 14
+    assert compare_schemes.evaluations_per_forward(config, "backward_euler", 14) == 14
+    config.scheme_options = {"backward_euler": {"iterations": 2}}  # the old second address
+    with pytest.raises(ValueError, match="config.scheme_options is gone"):
+        compare_schemes.cells(config)
+
+
 def test_every_config_builds_its_grid():
     for module in (demo, fashion_mnist, mnist, fashion_mnist_gpu, cifar10_lm_resnet):
         config = module.get_config()
         # every (scheme, depth, seed) except the cells that compute Euler's network
         identical = compare_schemes.identical_cells(config)
-        expected = sum(1 for s in config.schemes for d in config.depths if (s, int(d)) not in identical)
+        expected = sum(1 for s in compare_schemes.specs(config) for d in config.depths if (s, int(d)) not in identical)
         assert len(compare_schemes.cells(config)) == expected * len(config.seeds)
         loop.resolve_config(compare_schemes.training_base(config))  # no unknown training fields
 

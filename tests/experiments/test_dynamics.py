@@ -222,6 +222,10 @@ def test_bad_inputs_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="rk5"):
         dynamics_ode.run_ode(config, tmp_path)
     config = ode_configs.get_tiny_config()
+    config.scheme_options = {"euler": {"h": 0.5}}  # the old second address of a scheme's options
+    with pytest.raises(ValueError, match="config.scheme_options is gone"):
+        dynamics_ode.run_ode(config, tmp_path)
+    config = ode_configs.get_tiny_config()
     config.start = "later"
     with pytest.raises(ValueError, match="config.start='later'"):
         dynamics_ode.run_ode(config, tmp_path)

@@ -46,9 +46,7 @@ def test_constrained_lm_knobs_are_reported_as_values_not_raw_parameters():
 )
 def test_f_evaluations_column_counts_the_network_that_runs(scheme, options, counts):
     config = compare_schemes.base_config()
-    config.schemes = (scheme,)
+    config.schemes = ({"name": scheme, **options},)
     config.depths = tuple(counts)
-    if options:
-        config.scheme_options = {scheme: options}
     for depth, count in counts.items():
         assert compare_schemes.evaluations_per_forward(config, scheme, depth) == count

@@ -12,7 +12,7 @@ import pytest
 
 import cnn.models as models
 from cnn.models.cifar_resnet import CifarResidual
-from cnn.ode import ODEStage, get_scheme
+from cnn.ode import ODEStage, StageOptions, get_scheme
 from cnn.ode.stage import (
     count_f_evaluations,
     implicit_scheme_label,
@@ -230,5 +230,5 @@ def test_counts_of_unrolled_and_tied_stages():
     for options in ({"scan": False}, {"tied": True}):
         model = models.create("cifar_resnet", depth=20, scheme="midpoint", **options)
         assert count_f_evaluations(model, x_shape) == hand_count(2, 3), options
-    stage = ODEStage("rk4", functools.partial(Scalar), num_blocks=5, tied=True)
+    stage = ODEStage("rk4", functools.partial(Scalar), num_blocks=5, options=StageOptions(tied=True))
     assert count_f_evaluations(stage, (2, 1, 1, 1)) == 5 * 4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnn import models
-from cnn.ode import EvaluationBatchNorm, ODEStage, get_scheme, takes_evaluation
+from cnn.ode import EvaluationBatchNorm, ODEStage, StageOptions, get_scheme, takes_evaluation
 from cnn.ode.norm import is_evaluation_name
 
 EPS = 1e-5
@@ -143,7 +143,7 @@ def test_midpoint_stage_keeps_one_running_average_per_evaluation():
 
     # per_evaluation_stats=False (or a block without `evaluation`): both evaluations update one
     # average, one after the other
-    for stage in (ODEStage(get_scheme("midpoint", h=h), NormBlock, 1, per_evaluation_stats=False),
+    for stage in (ODEStage(get_scheme("midpoint", h=h), NormBlock, 1, options=StageOptions(per_evaluation_stats=False)),
                   ODEStage(get_scheme("midpoint", h=h), SharedNormBlock, 1)):
         variables = stage.init(jax.random.key(0), jnp.asarray(x, jnp.float32), train=False)
         assert "eval1" not in variables["batch_stats"]["blocks"]["block"]["bn"]
@@ -157,7 +157,7 @@ def test_midpoint_stage_keeps_one_running_average_per_evaluation():
 @pytest.mark.parametrize("scheme", ["euler", "lm", "midpoint", "heun", "rk4", "backward_euler"])
 def test_one_set_of_statistics_per_evaluation_of_each_scheme(scheme):
     resolved = get_scheme(scheme)
-    stage = ODEStage(resolved, NormBlock, num_blocks=2, scan=False)
+    stage = ODEStage(resolved, NormBlock, num_blocks=2, options=StageOptions(scan=False))
     variables = stage.init(jax.random.key(0), random_x(), train=False)
     for i in range(2):
         bn = variables["batch_stats"][f"blocks_{i}"]["block"]["bn"]

@@ -6,6 +6,8 @@ The dense reference Jacobians use `jax.jacrev`: the network's CPU convolution ha
 and no forward-mode rule, so `jax.jacfwd` does not apply to it (the estimator forms its products
 from the transposed VJP for the same reason)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -243,7 +245,7 @@ def test_recorded_inputs_are_the_states_the_steps_see():
             records.append((tuple(context.module.scope.path), args[0][0]))
         return next_fun(*args, **kwargs)
 
-    unrolled = model.clone(scan=False)
+    unrolled = model.clone(stage=dataclasses.replace(model.stage, scan=False))
     unrolled_variables = unstack_scanned(variables)
     with nn.intercept_methods(record):
         unrolled.apply(unrolled_variables, x, train=False)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn.ode import ODEStage, analysis, get_scheme, linear_drop_path_rates, stack_unrolled, unstack_scanned
+from cnn.ode import (
+    ODEStage, StageOptions, analysis, get_scheme, linear_drop_path_rates, stack_unrolled, unstack_scanned,
+)
 from cnn.ode.schemes import History
 from cnn.ode.stage import SchemeKnobs, fit_knob_layout, knob_values
 
@@ -57,15 +59,14 @@ def block_params(params, i, scanned):
     return params[f"blocks_{i}"]["block"]
 
 
-def lm_stage(scan, **kwargs):
+def lm_stage(scan, **options):
     return ODEStage(
         scheme=get_scheme("lm"),
         block=functools.partial(Mix, features=4),
         entry_block=functools.partial(Mix, features=4, strides=2),
         entry_shortcut=functools.partial(Pad, features=4),
         num_blocks=3,
-        scan=scan,
-        **kwargs,
+        options=StageOptions(scan=scan, **options),
     )
 
 
@@ -99,7 +100,8 @@ def test_lm_stage_with_transition_matches_a_numpy_loop(x64, rng, scan):
 def test_first_step_inside_the_scan(x64, rng, name, start):
     """Without an entry block, block 0 takes the start step under a traced `first` flag."""
     scheme = get_scheme(name, h=0.5)
-    stage = ODEStage(scheme=scheme, block=functools.partial(Mix, features=3), num_blocks=3, start=start)
+    stage = ODEStage(scheme=scheme, block=functools.partial(Mix, features=3), num_blocks=3,
+                     options=StageOptions(start=start))
     x0 = rng.normal(size=(2, 2, 2, 3))
     variables = stage.init(jax.random.PRNGKey(1), jnp.asarray(x0), train=False)
     params = jax.tree_util.tree_map(np.asarray, variables["params"])
@@ -141,7 +143,7 @@ def test_project_mode_carries_the_history_through_the_shortcut(x64, rng):
                 get_scheme("lm"), functools.partial(Mix, features=4), 2,
                 entry_block=functools.partial(Mix, features=4, strides=2),
                 entry_shortcut=functools.partial(Pad, features=4),
-                history_at_entry="project", name="b",
+                options=StageOptions(history_at_entry="project"), name="b",
             )(x, history, train=False)
 
     x0 = rng.normal(size=(2, 4, 4, 2))
@@ -167,7 +169,8 @@ def _two_stages(scheme, mode="project"):
             return ODEStage(
                 get_scheme(scheme), functools.partial(Mix, features=4), 2,
                 entry_block=functools.partial(Mix, features=4, strides=2),
-                entry_shortcut=functools.partial(Projection, features=4), history_at_entry=mode, name="b",
+                entry_shortcut=functools.partial(Projection, features=4), options=StageOptions(history_at_entry=mode),
+                name="b",
             )(x, history, train=train)
 
     return Two()
@@ -289,7 +292,7 @@ def test_tied_stage_reproduces_the_analysis_integration(x64, name, options, knob
     f, _, a = analysis.rotation_decay()
     n, t_final = 16, 1.0
     scheme = get_scheme(name, h=t_final / n, **options)
-    stage = ODEStage(scheme, Linear, n, tied=True, start=start)
+    stage = ODEStage(scheme, Linear, n, options=StageOptions(tied=True, start=start))
     x0 = np.array([[[[1.0, 0.5]]], [[[-0.3, 0.8]]]])  # [2, 1, 1, 2]
     variables = stage.init(jax.random.PRNGKey(0), jnp.asarray(x0), train=False)
     params = jax.tree_util.tree_map(np.asarray, variables["params"])
@@ -318,7 +321,7 @@ def test_tied_depth_n_and_2n_converge_to_the_same_flow(x64, rng, name, ratio):
     params = None
     outputs = {}
     for n in (4, 8, 16, 32):
-        stage = ODEStage(get_scheme(name, h=t_final / n), ConvTanh, n, tied=True)
+        stage = ODEStage(get_scheme(name, h=t_final / n), ConvTanh, n, options=StageOptions(tied=True))
         if params is None:
             params = stage.init(jax.random.PRNGKey(3), x0, train=False)["params"]
         outputs[n] = np.asarray(stage.apply({"params": params}, x0, train=False)[0])
@@ -362,7 +365,8 @@ class Projection(nn.Module):
 def _stage(scheme, scan, tied, **kw):
     return ODEStage(
         scheme=get_scheme(scheme), block=ConvBN, num_blocks=3, entry_block=functools.partial(ConvBN, strides=2),
-        entry_shortcut=Projection, scan=scan, tied=tied, drop_path_rates=linear_drop_path_rates(3, 0.5), **kw,
+        entry_shortcut=Projection, options=StageOptions(scan=scan, tied=tied, **kw),
+        drop_path_rates=linear_drop_path_rates(3, 0.5),
     )
 
 
@@ -556,8 +560,7 @@ def test_drop_path_keeps_or_drops_each_sample_with_rescaling(x64, rng):
     [
         ({"scheme": "rk5"}, r"name='rk5'"),
         ({"num_blocks": 0}, r"num_blocks=0"),
-        ({"start": "zero"}, r"start='zero'"),
-        ({"history_at_entry": "keep"}, r"history_at_entry='keep'"),
+        ({"options": {"scan": False}}, r"^options=[\s\S]*: expected a StageOptions"),
         ({"drop_path_rates": (0.1, 0.2)}, r"drop_path_rates has 2 entries"),
         ({"drop_path_rates": (0.1, 1.0, 0.2)}, r"drop_path_rates=.*\[0, 1\)"),
         ({"entry_block": Mix}, r"entry_block and entry_shortcut"),
