@@ -196,7 +196,7 @@ COMMANDS: list[tuple[str, Run | Parse | NotRun]] = [
      Parse("needs the real data files; ~35 minutes")),
     (r"experiments\.compare_schemes --config=experiments/configs/fashion_mnist_gpu\.py", Parse("a GPU run")),
     (r"experiments\.compare_schemes --config=experiments/configs/fashion_mnist_study\.py",
-     Parse("needs the real data files; ~65 minutes (tests/experiments/test_verdict_stability.py runs a small paired grid)")),
+     Parse("needs the real data files; ~70 minutes (tests/experiments/test_verdict_stability.py runs a small paired grid)")),
     (r"experiments\.compare_schemes --config=experiments/configs/cifar10_lm_resnet\.py",
      Parse("needs CIFAR-10, which is not shipped; GPU hours")),
     (r"python -m experiments\.ablations",

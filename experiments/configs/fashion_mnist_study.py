@@ -1,7 +1,7 @@
 """The CPU study: Euler vs LM-ResNet vs RK2 (midpoint) on real Fashion-MNIST, 8 paired seeds.
 
-Needs the original IDX files (set CNN_DATA_DIR, e.g. to ../shared/data); about 65 minutes on a
-2-core CPU when nothing else runs, resumable cell by cell:
+Needs the original IDX files (set CNN_DATA_DIR, e.g. to ../shared/data); about 70 minutes on a
+2-core CPU when nothing else runs (the recorded run: 2 h 15 min beside other jobs), resumable cell by cell:
 
     CNN_DATA_DIR=../shared/data python -m experiments.compare_schemes \
         --config=experiments/configs/fashion_mnist_study.py --workdir=runs/fashion_mnist_study
@@ -17,12 +17,12 @@ Design, and why:
   times as long) and the full 10,000-image test split (a test error SE of about 0.3 pp
   per network, less for paired differences). Average-pooled to 14x14 on device (`input_pool=2`),
   with horizontal flips (label-preserving for clothing).
-- Width 8: on 2 CPU cores a width-8 ResNet-26 step (batch 128) costs about as much as a
-  width-16 ResNet-14's, and the study is about schemes at equal width.
+- Width 8: on this 2-core CPU a width-8 ResNet-20 train step (batch 128 of 14x14) took 33 ms
+  against 81 ms at width 16 (2026-12-06); the study compares schemes at equal width.
 - 8 epochs with a cosine schedule to zero: the learning curves (metrics.jsonl, evaluated every
   epoch) show whether test accuracy still moves in the last epochs; the report says so.
 - One seed per program (`ensembles=False`): on CPU, XLA runs the vmapped (grouped) convolutions
-  of an ensemble slower than the members one at a time (benchmarks/RESULTS.md), and with 1,256
+  of an ensemble slower than the members one at a time (benchmarks/RESULTS.md), and with 1,248
   steps per run the per-run start-up that ensembles save is negligible.
 """
 
@@ -46,7 +46,7 @@ def get_config():
     train.input_pool = 2  # 28x28 -> 14x14, on device
     train.num_classes = 10
     train.batch_size = 128
-    train.num_epochs = 8.0  # 157 steps per epoch
+    train.num_epochs = 8.0  # 156 steps per epoch (the last partial batch is dropped)
     train.augment = "random_flip"
     train.optimizer.name = "sgd"
     train.optimizer.learning_rate = 0.1
