@@ -42,7 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.models.cifar_resnet import blocks_per_stage  # noqa: E402
-from cnn.ode.schemes import SchemeSpec, scheme_specs  # noqa: E402
+from cnn.ode.schemes import SchemeSpec  # noqa: E402
 from cnn.ode.stage import fold_stage_options  # noqa: E402
 from experiments import grid, stats  # noqa: E402
 from experiments.configs import base  # noqa: E402
@@ -55,37 +55,33 @@ def base_config() -> ml_collections.ConfigDict:
     return base.scheme_comparison()
 
 
-def specs(config: ml_collections.ConfigDict) -> dict[str, SchemeSpec]:
-    """`{label: spec}` of `config.schemes`, the config's one scheme address: each entry is a
-    name (`"lm"`) or a mapping of a name, the scheme's options and an optional label
-    (`{"name": "backward_euler", "iterations": 20, "tolerance": 1e-3}`; `cnn.ode.SchemeSpec`)."""
-    if "scheme_options" in config:
-        raise ValueError("config.scheme_options is gone: write a scheme's options into its entry of config.schemes, "
-                         "e.g. config.schemes = ('euler', {'name': 'backward_euler', 'iterations': 20})")
-    return {spec.label: spec for spec in scheme_specs(config.schemes)}
+specs = grid.config_scheme_specs  # {label: SchemeSpec} of config.schemes
 
 
-def scheme_model_options(config: ml_collections.ConfigDict, label: str) -> dict[str, Any]:
+def scheme_model_options(config: ml_collections.ConfigDict, label: str,
+                         by_label: Mapping[str, SchemeSpec] | None = None) -> dict[str, Any]:
     """The model options of scheme `label`'s cells on top of `config.model_options`: its scheme
-    and scheme options, then `config.scheme_model_options[label]` (e.g. a preactivation layout)."""
-    return {**specs(config)[label].model_options(), **dict(config.scheme_model_options.get(label, {}))}
+    and scheme options, then `config.scheme_model_options[label]` (e.g. a preactivation layout).
+    `by_label`: `specs(config)` when the caller has it."""
+    spec = (by_label or specs(config))[label]
+    return {**spec.model_options(), **dict(config.scheme_model_options.get(label, {}))}
 
 
 def cells(config: ml_collections.ConfigDict) -> list[grid.Cell]:
     """One cell per (scheme, depth, seed), seed-major: an interrupted or time-limited run has
     every (scheme, depth) for the first seeds rather than all seeds of the first schemes. A cell
     and its table row are named by the scheme's label."""
-    labels = list(specs(config))  # fails early on bad names and options
+    by_label = specs(config)  # fails early on bad names and options
     for depth in config.depths:
         blocks_per_stage(depth)
     identical = identical_cells(config)  # computed as Euler's network: not trained
     result = []
     for seed in config.seeds:
         for depth in config.depths:
-            for label in labels:
+            for label in by_label:
                 if (label, int(depth)) in identical:
                     continue
-                model_options = {"depth": int(depth), **scheme_model_options(config, label)}
+                model_options = {"depth": int(depth), **scheme_model_options(config, label, by_label)}
                 result.append(
                     grid.Cell(
                         name=f"{label}-d{depth}-s{seed}",

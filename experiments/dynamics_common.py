@@ -18,18 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cnn.models.dynamics import START_MODES  # noqa: E402
-from cnn.ode.schemes import SchemeSpec, scheme_specs  # noqa: E402
+from cnn.ode.schemes import SchemeSpec  # noqa: E402
 from experiments import grid  # noqa: E402
 
 
-def specs(config: ml_collections.ConfigDict) -> dict[str, SchemeSpec]:
-    """`{label: spec}` of `config.schemes`, the one scheme address: each entry a name or a
-    mapping of a name and the scheme's options (`{"name": "backward_euler", "iterations": 3}`,
-    `cnn.ode.SchemeSpec`); the step `h` is the experiment's `dt`, not a scheme option."""
-    if "scheme_options" in config:
-        raise ValueError("config.scheme_options is gone: write a scheme's options into its entry of config.schemes, "
-                         "e.g. config.schemes = ('euler', {'name': 'backward_euler', 'iterations': 3})")
-    return {spec.label: spec for spec in scheme_specs(config.schemes)}
+specs = grid.config_scheme_specs  # {label: SchemeSpec} of config.schemes (h is the experiment's dt)
 
 
 def model_scheme_options(spec: SchemeSpec) -> dict[str, Any]:

@@ -233,6 +233,23 @@ def scheme_label(name: str, summaries: Sequence[Mapping[str, Any]]) -> str:
     return name + label[len(scheme.name):] if label.startswith(scheme.name) else label
 
 
+def config_scheme_specs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`{label: cnn.ode.SchemeSpec}` of `config.schemes`, an experiment config's one scheme
+    address: each entry a name (`"lm"`) or a mapping of a name, the scheme's options and an
+    optional label (`{"name": "backward_euler", "iterations": 20, "tolerance": 1e-3}`).
+
+    Raises:
+      ValueError: the config still has the old second address `config.scheme_options`, or an
+        entry is invalid (`cnn.ode.scheme_specs`).
+    """
+    from cnn.ode.schemes import scheme_specs
+
+    if "scheme_options" in config:
+        raise ValueError("config.scheme_options is gone: write a scheme's options into its entry of config.schemes, "
+                         "e.g. config.schemes = ('euler', {'name': 'backward_euler', 'iterations': 20})")
+    return {spec.label: spec for spec in scheme_specs(config.schemes)}
+
+
 def _write_json(path: pathlib.Path, payload: Mapping[str, Any]) -> None:
     """Atomic write: a crash never leaves a half-written summary behind."""
     temporary = path.with_suffix(".tmp")
