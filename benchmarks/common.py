@@ -227,6 +227,21 @@ def lax_conv_gradients():
             module.conv_general_dilated = function
 
 
+@contextlib.contextmanager
+def grouped_member_convolutions():
+    """While active, a vmapped package convolution (`cnn.ops.conv_general_dilated` with input and
+    kernel both mapped, as in an ensemble) takes JAX's own batching rule, one grouped convolution
+    for all members, instead of the per-member loop the package uses on CPU. Trace inside the
+    block with a fresh `jax.jit`. For measuring what the loop buys; the package is unchanged."""
+    conv_module = importlib.import_module("cnn.ops.conv")
+    saved = conv_module._one_per_member
+    conv_module._one_per_member = lambda fn: fn
+    try:
+        yield
+    finally:
+        conv_module._one_per_member = saved
+
+
 # ------------------------------------------------------------------------------------- timing
 
 

@@ -1,6 +1,7 @@
 """Where the trained residual blocks sit against their scheme's stability region.
 
-For each named cell of a finished scheme comparison (or ablation), loads its final checkpoint,
+For each named cell of a finished scheme comparison (or ablation), loads its final checkpoint
+(for a cell trained in an ensemble pack, its member of the pack's checkpoint),
 runs the network on the first test images and estimates, block by block, the leading
 eigenvalues of the Jacobian dF_t/dx at the state the block's step sees (`cnn.ode.analysis.
 block_spectra`, Arnoldi); `h lambda` is then drawn over the block's stability region (LM with its
@@ -32,15 +33,32 @@ from cnn import models
 from cnn.data import load
 from cnn.ode import analysis
 from cnn.tasks.transfer import load_run_variables
+from cnn.train import ensemble
 from cnn.train.loop import task_from_config
 from experiments import grid
+
+
+def cell_variables(cell_dir: pathlib.Path) -> tuple[Any, dict]:
+    """The cell's final variables and its (single-run) config. A cell trained in an ensemble
+    pack (`cell.json`'s `trained_in`, no checkpoints of its own) is its member of the pack's
+    final checkpoint, found by its seed."""
+    summary_path = cell_dir / "cell.json"
+    pack = json.loads(summary_path.read_text()).get("trained_in") if summary_path.exists() else None
+    if not pack or (cell_dir / "checkpoints").is_dir():
+        return load_run_variables(cell_dir)
+    stacked, pack_config = load_run_variables(cell_dir.parent.parent / pack)
+    stored = json.loads((cell_dir / "config.json").read_text())
+    seeds = [int(seed) for seed in pack_config["ensemble"]["seeds"]]
+    if int(stored["seed"]) not in seeds:
+        raise ValueError(f"cell {cell_dir.name}: seed {stored['seed']} is not a member of {pack} (seeds {seeds})")
+    return ensemble.member(stacked, seeds.index(int(stored["seed"]))), stored
 
 
 def cell_spectra(cell_dir: pathlib.Path, examples: int, num_steps: int) -> tuple[list[analysis.BlockSpectrum], dict]:
     """The block spectra of the cell's final model on its first `examples` test images."""
     import ml_collections
 
-    variables, stored = load_run_variables(cell_dir)
+    variables, stored = cell_variables(cell_dir)
     config = ml_collections.ConfigDict(stored)
     task = task_from_config(config)
     options = {"num_classes": int(config.num_classes), **config.model_options.to_dict()}

@@ -362,11 +362,12 @@ def run_pack(
     member with its own data order and augmentation: `data="per_member"`) and writes every
     member's cell as if it had been trained alone: its `config.json` is the single run's
     (`requested_cell_config`), its `cell.json` the member's summary. Member i computes what the
-    single run with its seed computes up to float rounding (XLA batches the vmapped convolutions
-    differently): 1e-7 after a few steps (tests/train/test_ensemble.py), which training then
-    amplifies like any rounding difference (a depth-14 ResNet on digits: 8e-7 after 10 SGD
-    steps, 3e-2 after 40). A packed cell is therefore another draw of the same seed's noise, not
-    the same numbers; a grid may mix packed and single cells. The ensemble's own run directory is
+    single run with its seed computes up to float rounding (the vmapped BatchNorm reductions,
+    strided convolutions and dense layers sum in another order; on CPU the stride-1
+    convolutions run per member, as the single model's, `cnn.ops.conv`): 2e-7 after 10 steps
+    of a depth-8 ResNet on digits (tests/train/test_ensemble.py), which training then amplifies
+    like any rounding difference. A packed cell is therefore another draw of the same seed's
+    noise, not the same numbers; a grid may mix packed and single cells. The ensemble's own run directory is
     `<workdir>/packs/<group>-s<seeds>` (resumable like any run).
 
     Returns:

@@ -169,7 +169,7 @@ TINY_TRAIN = ("--config.num_train_steps=3", "--config.optimizer.warmup_steps=1",
 # scripts share one command line (experiments.grid.cli_main): dynamics_pde runs it end to end with
 # its tiny config; the others parse theirs here and run their tiny config in the test named.
 COMMANDS: list[tuple[str, Run | Parse | NotRun]] = [
-    (r"^make demo$", NotRun("runs the compare_schemes demo.py command of the table (parsed below; 6 minutes)")),
+    (r"^make demo$", NotRun("runs the compare_schemes demo.py command of the table (parsed below; 4.5 minutes)")),
     (r"^make test$", NotRun("this test suite")),
     (r"python -m cnn\.train --config experiments/configs/train_digits\.py",
      Run(TINY_TRAIN, "300 steps as written (25 s); 3 here; the second command reruns the same directory",

@@ -13,12 +13,13 @@ gradient of a convolution with respect to its input.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import custom_batching, lax
 
 from cnn.ops.arithmetic import (
     Padding1D,
@@ -253,15 +254,69 @@ def _conv_nhwc(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_canonical_backward(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
-    return _conv_nhwc(x, kernel, padding, precision)
+    return _canonical_forward(x, kernel, padding, precision)[0]
+
+
+# The name of an ensemble's member axis (`jax.vmap(..., axis_name=MEMBER_AXIS)`, cnn.train.ensemble).
+MEMBER_AXIS = "ensemble_member"
+
+
+def _member_axis_bound() -> bool:
+    """Whether this is traced inside a vmap over an ensemble's members."""
+    try:
+        jax.lax.axis_size(MEMBER_AXIS)
+    except NameError:
+        return False
+    return True
+
+
+def _per_member_if_ensemble(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Outside an ensemble `fn` stays plain JAX: custom_vmap has no transpose rule, and
+    # `cnn.ode.analysis` transposes this convolution's VJP.
+    return _one_per_member(fn) if _member_axis_bound() else fn
+
+
+def _one_per_member(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (arrays -> arrays) whose `jax.vmap` on the CPU backend evaluates `fn` once per mapped
+    index when two or more of its arguments are mapped; otherwise JAX's own batching rules.
+    Used inside an ensemble's vmap over `MEMBER_AXIS` only.
+
+    Why: an ensemble (`cnn.train.ensemble`) vmaps the train step over its members, so a
+    convolution sees a member axis on both its input and its kernel. JAX batches that into one
+    grouped convolution (members folded into feature groups), which XLA CPU runs 1.1-3.4x slower
+    than the same convolutions one member at a time, most in the forward and input-gradient
+    convolutions of the first stage (benchmarks/RESULTS.md, "Per-member convolutions").
+    Unrolled, each member's convolution is the single model's, and an ensemble step costs what
+    its members' separate steps cost. GPU/TPU keep the grouped form: one launch for all members
+    is what ensembles are for there. Under a member-sharded `jit` on several CPU devices the
+    loop still computes the right values (tests/train/test_ensemble.py).
+    """
+    looped = custom_batching.custom_vmap(fn)
+
+    @looped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        if jax.default_backend() == "cpu" and sum(map(bool, in_batched)) >= 2:
+            outs = [looped(*(a[i] if b else a for a, b in zip(args, in_batched))) for i in range(axis_size)]
+            out = jax.tree_util.tree_map(lambda *members: jnp.stack(members), *outs)
+        else:
+            out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return looped
 
 
 def _canonical_forward(x, kernel, padding, precision):
-    return _conv_nhwc(x, kernel, padding, precision), (x, kernel)
+    y = _per_member_if_ensemble(functools.partial(_conv_nhwc, padding=padding, precision=precision))(x, kernel)
+    return y, (x, kernel)
 
 
 def _canonical_backward(padding, precision, residuals, dy):
     x, kernel = residuals
+    gradients = functools.partial(_canonical_gradients, padding=padding, precision=precision)
+    return _per_member_if_ensemble(gradients)(x, kernel, dy)
+
+
+def _canonical_gradients(x, kernel, dy, *, padding, precision):
     # dW[u, v, c, o] = sum_{b,i,j} x_pad[b, i+u, j+v, c] dy[b, i, j, o]: a stride-1 convolution of
     # x^T [c, h, w, b] (batch as features) with dy^T [h', w', b, o] as the kernel.
     dkernel = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
@@ -300,7 +355,10 @@ def conv_general_dilated(
     to a generic loop, 10-40x slower (benchmarks/RESULTS.md). Every other case, and every other
     backend (GPU/TPU compile both forms well), is plain `lax.conv_general_dilated`. The kernel
     gradient is fastest on CPU when compiled with `cnn.train.CPU_COMPILER_OPTIONS` (Eigen instead
-    of YNNPACK), which `cnn.train`'s compile functions use by default.
+    of YNNPACK), which `cnn.train`'s compile functions use by default. Under `jax.vmap` with
+    input and kernel both mapped (an ensemble's member axis), these convolutions run once per
+    member on CPU instead of as one grouped convolution when the vmap's axis is `MEMBER_AXIS`
+    (`cnn.train.ensemble` names it so; `_one_per_member`).
 
     Args: as `jax.lax.conv_general_dilated`; `lhs` `[batch, height, width, in_channels]`,
     `rhs` `[kernel_h, kernel_w, in_channels, out_channels]` in the fast case.

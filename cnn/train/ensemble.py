@@ -20,6 +20,12 @@ Devices (`config.parallelism`): "single" runs the whole ensemble on one device; 
 either the member axis over the devices (`config.ensemble.shard="member"`: each device trains
 M/N members, no gradient all-reduce between them; the default when N divides M) or every
 member's batch (`"batch"`, as a single run is sharded). "pmap" is not supported for ensembles.
+
+Speed: on an accelerator the members share every launch. On a CPU the arithmetic is the same as
+M separate runs: the ResNets' stride-1 convolutions (`cnn.ops.conv_general_dilated`) run once
+per member under the vmap instead of as one grouped convolution, which XLA CPU runs up to 2.2x
+slower, and an ensemble step then costs what its members' separate steps cost
+(benchmarks/RESULTS.md, "Ensembles vs separate runs").
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cnn.ops.conv import MEMBER_AXIS
 from cnn.train import parallel as parallel_lib
 
 DATA_MODES = ("shared", "per_member")
@@ -133,13 +140,15 @@ class MemberBatches:
 
 def vmap_train_step(train_step: Callable, *, shared_data: bool) -> Callable:
     """`(state[M], batch, augment_rng) -> (state[M], metrics[M])` from a single-model train step
-    that takes `(state, batch, augment_rng)`; the batch is shared or has a member axis."""
-    return jax.vmap(train_step, in_axes=(0, None if shared_data else 0, None if shared_data else 0))
+    that takes `(state, batch, augment_rng)`; the batch is shared or has a member axis. The
+    vmap's axis is `MEMBER_AXIS`, under which the package convolutions run per member on CPU."""
+    return jax.vmap(train_step, in_axes=(0, None if shared_data else 0, None if shared_data else 0),
+                    axis_name=MEMBER_AXIS)
 
 
 def vmap_eval_step(eval_step: Callable) -> Callable:
     """`(state[M], batch) -> sums[M, ...]`: every member on the same evaluation batch."""
-    return jax.vmap(eval_step, in_axes=(0, None))
+    return jax.vmap(eval_step, in_axes=(0, None), axis_name=MEMBER_AXIS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +265,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 __all__ = [
     "DATA_MODES",
+    "MEMBER_AXIS",
     "SHARD_MODES",
     "Ensemble",
     "EnsembleParallel",

@@ -3,6 +3,7 @@ block (hand count), each block's 'inside' fraction recomputed from its stability
 
 import json
 
+import jax
 import numpy as np
 
 from experiments import block_stability, compare_schemes
@@ -31,3 +32,35 @@ def test_block_stability_rows_and_regions(tmp_path):
         assert float(row[4]) == round(float(np.mean(inside)), 2)
     assert (tmp_path / "plots" / "stability_lm-d14-s0.png").stat().st_size > 1000
     assert "| euler-d14-s0 |" in report.read_text()
+
+
+def test_a_cell_trained_in_an_ensemble_pack_is_read_as_its_member(tmp_path):
+    """Seeds 0 and 1 train as one pack (no checkpoints in the cells): each cell's variables are
+    its member's, checked by recomputing the cell's recorded test loss from them (numpy)."""
+    import ml_collections
+
+    from cnn import models
+    from cnn.data import load
+    from cnn.train.loop import task_from_config
+
+    config = tiny_config()
+    config.schemes, config.depths, config.seeds = ("euler",), (8,), (0, 1)
+    compare_schemes.run(config, tmp_path)
+    losses = []
+    for seed in (0, 1):
+        cell_dir = tmp_path / "cells" / f"euler-d8-s{seed}"
+        summary = json.loads((cell_dir / "cell.json").read_text())
+        assert summary["trained_in"].startswith("packs/") and not (cell_dir / "checkpoints").exists()
+        variables, stored = block_stability.cell_variables(cell_dir)
+        assert stored["seed"] == seed
+        train = ml_collections.ConfigDict(stored)
+        model = models.create(train.model, num_classes=int(train.num_classes), **train.model_options.to_dict())
+        batch = next(iter(load(train.dataset, train.eval_split, 10_000, shuffle=False, drop_remainder=False)))
+        images = task_from_config(train).prepare({k: jax.numpy.asarray(v) for k, v in batch.items()})["image"]
+        logits = np.asarray(model.apply(variables, images, train=False), np.float64)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        loss = -np.mean(log_probs[np.arange(len(logits)), np.asarray(batch["label"])])
+        np.testing.assert_allclose(loss, summary["test_loss"], rtol=1e-4)
+        losses.append(loss)
+    assert abs(losses[0] - losses[1]) > 1e-3  # the members differ, so the wrong one would fail above

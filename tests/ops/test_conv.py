@@ -5,6 +5,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cnn import ops
+from cnn.ops.conv import MEMBER_AXIS
 from tests.ops.reference import conv2d_loops, conv_transpose2d_loops
 
 
@@ -237,3 +238,47 @@ def test_conv_general_dilated_kernel_gradient_against_numpy_loops(rng):
         for j in range(3):  # dW[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j, :]^T dy[b, h, w, :]
             expected[i, j] = np.einsum("bhwc,bhwo->co", padded[:, i : i + 4, j : j + 4], dy)
     np.testing.assert_allclose(vjp(jnp.asarray(dy))[1], expected, rtol=1e-5, atol=1e-4)
+
+
+def _compiled_convolutions(fn, *args) -> list[str]:
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return [line for line in hlo.splitlines() if " convolution(" in line]
+
+
+@pytest.mark.parametrize("shared_input", [False, True], ids=["own-inputs", "shared-input"])
+def test_conv_general_dilated_vmapped_over_members_equals_each_member(rng, shared_input):
+    """An ensemble's vmap (over `MEMBER_AXIS`, input and kernel both mapped) gives each member
+    the gradients of its own convolution, and on CPU compiles to one plain convolution per member
+    and pass instead of grouped ones (the member loop of `_one_per_member`). Any other vmap keeps
+    JAX's batching (grouped), and the convolution stays plain JAX outside an ensemble."""
+    members, padding, dims = 3, ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
+    x = jnp.asarray(rng.standard_normal((members, 2, 5, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((members, 3, 3, 3, 4)), jnp.float32)
+
+    def loss(conv, x, w):
+        y = conv(jnp.tanh(x), w, (1, 1), padding, dimension_numbers=dims, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+
+    in_axes = (None if shared_input else 0, 0)
+    mapped = jax.vmap(jax.value_and_grad(lambda x, w: loss(ops.conv_general_dilated, x, w), argnums=(0, 1)), in_axes,
+                      axis_name=MEMBER_AXIS)
+    inputs = x[0] if shared_input else x
+    value, (dx, dw) = jax.jit(mapped)(inputs, w)
+    for i in range(members):
+        xi = x[0] if shared_input else x[i]
+        want_value, (want_dx, want_dw) = jax.value_and_grad(
+            lambda x, w: loss(jax.lax.conv_general_dilated, x, w), argnums=(0, 1))(xi, w[i])
+        np.testing.assert_allclose(value[i], want_value, rtol=1e-5)
+        np.testing.assert_allclose(dx[i], want_dx, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dw[i], want_dw, rtol=1e-4, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        convolutions = _compiled_convolutions(mapped, inputs, w)
+        assert not [line for line in convolutions if "feature_group_count" in line or "batch_group_count" in line]
+        # own inputs: forward, input and kernel gradient per member; shared input: one forward
+        # for all members (JAX folds the members into output features, no groups), then the two
+        # gradients per member
+        assert len(convolutions) == (1 + 2 * members if shared_input else 3 * members)
+        unnamed = jax.vmap(jax.grad(lambda x, w: loss(ops.conv_general_dilated, x, w), argnums=(0, 1)), in_axes)
+        grouped = _compiled_convolutions(unnamed, inputs, w)
+        assert [line for line in grouped if "feature_group_count" in line or "batch_group_count" in line]
+    assert "custom_vmap" not in str(jax.make_jaxpr(jax.grad(lambda w: loss(ops.conv_general_dilated, x[0], w)))(w[0]))
