@@ -295,7 +295,7 @@ def _one_per_member(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @looped.def_vmap
     def rule(axis_size, in_batched, *args):
-        if jax.default_backend() == "cpu" and sum(map(bool, in_batched)) >= 2:
+        if jax.default_backend() == "cpu" and axis_size > 0 and sum(map(bool, in_batched)) >= 2:
             outs = [looped(*(a[i] if b else a for a, b in zip(args, in_batched))) for i in range(axis_size)]
             out = jax.tree_util.tree_map(lambda *members: jnp.stack(members), *outs)
         else:
