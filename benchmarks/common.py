@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -216,15 +217,11 @@ def lax_conv_gradients():
     values, backward written in XLA CPU's fast layout). Trace (`jitted.lower(...)`) inside the
     block with a fresh `jax.jit`: jit's cache does not see the swap. For measuring what the
     package's convolution buys; the package itself is unchanged."""
-    modules = [importlib.import_module(name) for name in _SCANNED_MODEL_MODULES]
-    saved = [module.conv_general_dilated for module in modules]
-    for module in modules:
-        module.conv_general_dilated = jax.lax.conv_general_dilated
-    try:
+    with contextlib.ExitStack() as stack:
+        for name in _SCANNED_MODEL_MODULES:
+            module = importlib.import_module(name)
+            stack.enter_context(mock.patch.object(module, "conv_general_dilated", jax.lax.conv_general_dilated))
         yield
-    finally:
-        for module, function in zip(modules, saved):
-            module.conv_general_dilated = function
 
 
 @contextlib.contextmanager
@@ -233,13 +230,8 @@ def grouped_member_convolutions():
     kernel both mapped, as in an ensemble) takes JAX's own batching rule, one grouped convolution
     for all members, instead of the per-member loop the package uses on CPU. Trace inside the
     block with a fresh `jax.jit`. For measuring what the loop buys; the package is unchanged."""
-    conv_module = importlib.import_module("cnn.ops.conv")
-    saved = conv_module._one_per_member
-    conv_module._one_per_member = lambda fn: fn
-    try:
+    with mock.patch.object(importlib.import_module("cnn.ops.conv"), "_one_per_member", lambda fn: fn):
         yield
-    finally:
-        conv_module._one_per_member = saved
 
 
 # ------------------------------------------------------------------------------------- timing

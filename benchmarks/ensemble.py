@@ -44,6 +44,12 @@ from cnn.train import parallel, steps  # noqa: E402
 CONV_PASSES = ("forward", "input gradient", "kernel gradient")
 
 
+def _compiled(jitted, args, *, grouped: bool):
+    """`jitted` compiled for `args`; `grouped`: with JAX's own batching of the convolutions."""
+    with common.grouped_member_convolutions() if grouped else contextlib.nullcontext():
+        return jitted.lower(*args).compile()
+
+
 class EnsembleStepper:
     """Runs the vmapped train step of a stacked state `k` times (`grouped`: JAX's batching of
     the convolutions instead of the package's per-member loop)."""
@@ -55,8 +61,7 @@ class EnsembleStepper:
         vmapped = ensemble_lib.vmap_train_step(steps.make_train_step(), shared_data=True)
         step = jax.jit(vmapped, donate_argnums=parallel.donated_arguments(),
                        **parallel.resolve_compiler_options("auto"))
-        with common.grouped_member_convolutions() if grouped else contextlib.nullcontext():
-            self.step = step.lower(self.state, self.batch, self.rng).compile()
+        self.step = _compiled(step, (self.state, self.batch, self.rng), grouped=grouped)
 
     def __call__(self, k: int) -> None:
         metrics = None
@@ -102,21 +107,18 @@ class ConvStepper:
     def __init__(self, pass_name: str, x, kernel, dy, how: str):
         options = parallel.resolve_compiler_options("auto")
         run = _conv_pass(pass_name)
-        self.how, self.args = how, (x, kernel, dy)
-        if how == "separate":
-            self.call = jax.jit(run, **options).lower(x[0], kernel[0], dy[0]).compile()
-            self.args = [(x[i], kernel[i], dy[i]) for i in range(x.shape[0])]
-            return
-        with common.grouped_member_convolutions() if how == "grouped" else contextlib.nullcontext():
-            self.call = jax.jit(jax.vmap(run, axis_name=MEMBER_AXIS), **options).lower(x, kernel, dy).compile()
+        if how == "separate":  # one program, called once per member
+            self.calls = [(x[i], kernel[i], dy[i]) for i in range(x.shape[0])]
+            self.call = _compiled(jax.jit(run, **options), self.calls[0], grouped=False)
+        else:  # one program for all members
+            self.calls = [(x, kernel, dy)]
+            self.call = _compiled(jax.jit(jax.vmap(run, axis_name=MEMBER_AXIS), **options), self.calls[0],
+                                  grouped=how == "grouped")
 
     def __call__(self, k: int) -> None:
         outputs = []
         for _ in range(k):
-            if self.how == "separate":
-                outputs = [self.call(*args) for args in self.args]
-            else:
-                outputs = [self.call(*self.args)]
+            outputs = [self.call(*args) for args in self.calls]
         jax.block_until_ready(outputs)
 
 

@@ -23,7 +23,7 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,18 +54,24 @@ def cell_variables(cell_dir: pathlib.Path) -> tuple[Any, dict]:
     return ensemble.member(stacked, seeds.index(int(stored["seed"]))), stored
 
 
-def cell_spectra(cell_dir: pathlib.Path, examples: int, num_steps: int) -> tuple[list[analysis.BlockSpectrum], dict]:
-    """The block spectra of the cell's final model on its first `examples` test images."""
+def cell_model_and_images(stored: Mapping[str, Any], examples: int) -> tuple[Any, jax.Array]:
+    """The network a cell's stored config builds, and its first `examples` evaluation images as
+    the network sees them (the task's preparation applied)."""
     import ml_collections
 
-    variables, stored = cell_variables(cell_dir)
     config = ml_collections.ConfigDict(stored)
-    task = task_from_config(config)
     options = {"num_classes": int(config.num_classes), **config.model_options.to_dict()}
     model = models.create(config.model, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
     batch = next(iter(load(config.dataset, config.eval_split, examples, shuffle=False, drop_remainder=False,
                            data_dir=config.get("data_dir") or None)))
-    images = task.prepare({key: jax.numpy.asarray(value) for key, value in batch.items()})["image"]
+    prepared = task_from_config(config).prepare({key: jax.numpy.asarray(value) for key, value in batch.items()})
+    return model, prepared["image"]
+
+
+def cell_spectra(cell_dir: pathlib.Path, examples: int, num_steps: int) -> tuple[list[analysis.BlockSpectrum], dict]:
+    """The block spectra of the cell's final model on its first `examples` test images."""
+    variables, stored = cell_variables(cell_dir)
+    model, images = cell_model_and_images(stored, examples)
     spectra = analysis.block_spectra(model, variables, images, num_steps=num_steps, key=jax.random.key(0))
     return spectra, stored
 

@@ -151,16 +151,17 @@ def _learned_knobs(
     return {knob: [float(v) for values in per_stage.values() for v in np.ravel(values[knob])] for knob in scheme.knob_names}
 
 
-def _built_scheme(model_options: Mapping[str, Any]) -> Any:
-    """The `Scheme` a cell's `model_options` build (`scheme` + `scheme_options`), or None when
-    they name none or one `get_scheme` rejects."""
+def _implicit_scheme(model_options: Mapping[str, Any]) -> Any:
+    """The implicit Runge-Kutta `Scheme` a cell's `model_options` build (`scheme` +
+    `scheme_options`), or None when they name none, an explicit one, or one `get_scheme` rejects."""
     scheme = model_options.get("scheme")
     if scheme is None:
         return None
     try:
-        return get_scheme(scheme, **dict(model_options.get("scheme_options") or {}))
+        built = get_scheme(scheme, **dict(model_options.get("scheme_options") or {}))
     except (TypeError, ValueError):
         return None
+    return built if built.kind == "runge_kutta" and built.is_implicit else None
 
 
 def implicit_solve_record(config: ml_collections.ConfigDict, state: Any,
@@ -175,8 +176,7 @@ def implicit_solve_record(config: ml_collections.ConfigDict, state: Any,
     "blocks": {block path: {"residual": [per step], "sweeps": [per step]}}, "steps",
     "max_residual", "mean_residual", "mean_sweeps", "max_sweeps"}` (JSON-ready).
     """
-    scheme = _built_scheme(dict(config.model_options))
-    if scheme is None or scheme.kind != "runge_kutta" or not scheme.is_implicit:
+    if _implicit_scheme(dict(config.model_options)) is None:
         return None
     from cnn.ode.stage import implicit_solve_stats, summarize_implicit_solve
     from cnn.train.config import create_model, resolve_config
@@ -218,8 +218,8 @@ def scheme_label(name: str, summaries: Sequence[Mapping[str, Any]]) -> str:
     from cnn.ode.stage import implicit_scheme_label
 
     configs = [s.get("config") or {} for s in summaries]
-    scheme = _built_scheme(dict(configs[0].get("model_options") or {})) if configs else None
-    if scheme is None or scheme.kind != "runge_kutta" or not scheme.is_implicit:
+    scheme = _implicit_scheme(dict(configs[0].get("model_options") or {})) if configs else None
+    if scheme is None:
         return name
     records = [s.get("implicit_solve") for s in summaries]
     combined = None

@@ -244,20 +244,18 @@ class Checkpointer:
             if "tree structures do not match" not in str(error):
                 raise
             detail = " ".join(str(error).split())
-            detail = detail if len(detail) <= 300 else detail[:300] + "..."
-            older = self._restore_older_knob_layout(step, template_tree)
-            if older is None:
-                raise ConfigError(self._misfit_message(step, detail, template_tree)) from error
-            tree, data, loop = older
+            detail, cause = (detail if len(detail) <= 300 else detail[:300] + "..."), error
         else:
             tree = jax.tree_util.tree_map(np.asarray, restored.state)
-            data, loop = dict(restored.data or {}), dict(restored.loop or {})
             misfits = _shape_mismatches(template_tree, tree)
-            if misfits:
-                older = self._restore_older_knob_layout(step, template_tree)
-                if older is None:
-                    raise ConfigError(self._misfit_message(step, "; ".join(misfits), template_tree))
-                tree, data, loop = older
+            if not misfits:
+                return tree_to_state(template, tree), dict(restored.data or {}), dict(restored.loop or {})
+            detail, cause = "; ".join(misfits), None
+        # Another structure or shapes: the older knob layout is the one misfit that still restores.
+        older = self._restore_older_knob_layout(step, template_tree)
+        if older is None:
+            raise ConfigError(self._misfit_message(step, detail, template_tree)) from cause
+        tree, data, loop = older
         return tree_to_state(template, tree), data, loop
 
     @staticmethod

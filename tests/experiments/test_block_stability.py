@@ -3,9 +3,9 @@ block (hand count), each block's 'inside' fraction recomputed from its stability
 
 import json
 
-import jax
 import numpy as np
 
+from cnn.data import load
 from experiments import block_stability, compare_schemes
 from tests.experiments.test_compare_schemes import tiny_config
 
@@ -37,12 +37,6 @@ def test_block_stability_rows_and_regions(tmp_path):
 def test_a_cell_trained_in_an_ensemble_pack_is_read_as_its_member(tmp_path):
     """Seeds 0 and 1 train as one pack (no checkpoints in the cells): each cell's variables are
     its member's, checked by recomputing the cell's recorded test loss from them (numpy)."""
-    import ml_collections
-
-    from cnn import models
-    from cnn.data import load
-    from cnn.train.loop import task_from_config
-
     config = tiny_config()
     config.schemes, config.depths, config.seeds = ("euler",), (8,), (0, 1)
     compare_schemes.run(config, tmp_path)
@@ -53,14 +47,13 @@ def test_a_cell_trained_in_an_ensemble_pack_is_read_as_its_member(tmp_path):
         assert summary["trained_in"].startswith("packs/") and not (cell_dir / "checkpoints").exists()
         variables, stored = block_stability.cell_variables(cell_dir)
         assert stored["seed"] == seed
-        train = ml_collections.ConfigDict(stored)
-        model = models.create(train.model, num_classes=int(train.num_classes), **train.model_options.to_dict())
-        batch = next(iter(load(train.dataset, train.eval_split, 10_000, shuffle=False, drop_remainder=False)))
-        images = task_from_config(train).prepare({k: jax.numpy.asarray(v) for k, v in batch.items()})["image"]
+        model, images = block_stability.cell_model_and_images(stored, 10_000)  # the whole test split
+        labels = next(iter(load(stored["dataset"], stored["eval_split"], 10_000, shuffle=False,
+                                drop_remainder=False)))["label"]
         logits = np.asarray(model.apply(variables, images, train=False), np.float64)
         log_probs = logits - logits.max(-1, keepdims=True)
         log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-        loss = -np.mean(log_probs[np.arange(len(logits)), np.asarray(batch["label"])])
+        loss = -np.mean(log_probs[np.arange(len(logits)), np.asarray(labels)])
         np.testing.assert_allclose(loss, summary["test_loss"], rtol=1e-4)
         losses.append(loss)
     assert abs(losses[0] - losses[1]) > 1e-3  # the members differ, so the wrong one would fail above

@@ -13,27 +13,22 @@ from cnn.tasks.transfer import load_run_variables
 from cnn.train import loop
 from cnn.train.task import classification
 from experiments import ablations, compare_schemes, grid
-from experiments.configs import ablations as ablations_config, demo
+from experiments.configs import ablations as ablations_config
+from tests.experiments.test_compare_schemes import tiny_config as compare_schemes_tiny_config
 
 BACKWARD_EULER = {"name": "backward_euler", "iterations": 2}
 
 
 def tiny_config(seeds):
-    config = demo.get_config()
+    """test_compare_schemes' tiny grid with Euler and two-sweep backward Euler at depth 14, 3 steps."""
+    config = compare_schemes_tiny_config()
     config.schemes = ("euler", BACKWARD_EULER)
     config.depths = (14,)
     config.seeds = seeds
-    config.model_options = {"width": 4}
-    config.progress = False
     train = config.train
     train.num_train_steps = 3
-    train.num_epochs = 0.0
-    train.optimizer.warmup_epochs = 0.0
-    train.optimizer.warmup_steps = 1
-    train.parallelism = "single"
     train.eval_every_steps = 3
     train.log_every_steps = 3
-    train.plot = False
     return config
 
 
