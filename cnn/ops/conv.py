@@ -283,7 +283,7 @@ def _one_per_member(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     Why: an ensemble (`cnn.train.ensemble`) vmaps the train step over its members, so a
     convolution sees a member axis on both its input and its kernel. JAX batches that into one
-    grouped convolution (members folded into feature groups), which XLA CPU runs 1.1-3.4x slower
+    grouped convolution (members folded into feature groups), which XLA CPU runs 1.04-3.4x slower
     than the same convolutions one member at a time, most in the forward and input-gradient
     convolutions of the first stage (benchmarks/RESULTS.md, "Per-member convolutions").
     Unrolled, each member's convolution is the single model's, and an ensemble step costs what

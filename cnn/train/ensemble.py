@@ -23,7 +23,7 @@ member's batch (`"batch"`, as a single run is sharded). "pmap" is not supported 
 
 Speed: on an accelerator the members share every launch. On a CPU the arithmetic is the same as
 M separate runs: the ResNets' stride-1 convolutions (`cnn.ops.conv_general_dilated`) run once
-per member under the vmap instead of as one grouped convolution, which XLA CPU runs up to 2.2x
+per member under the vmap instead of as one grouped convolution, which XLA CPU runs up to 3.4x
 slower, and an ensemble step then costs what its members' separate steps cost
 (benchmarks/RESULTS.md, "Ensembles vs separate runs").
 """
